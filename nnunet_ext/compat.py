@@ -1,0 +1,184 @@
+"""Every touch point with nnU-Net internals, in one place.
+
+nnU-Net's Python API moves between minor releases (``build_network_architecture`` changed in 2.3
+and 2.7, ``unpack_dataset`` went away in 2.6). The rest of nnunet-ext calls nnU-Net through the
+functions here and through the documented trainer hooks only, so supporting the next nnU-Net
+release is a change to this file. Tested range: nnunetv2 >= 2.8.1, < 2.9 (see pyproject.toml).
+
+Imports of nnunetv2 and torch happen inside the functions: the CLI's cheap commands and the
+start-up hook must not pay for them.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+SUPPORTED_NNUNET = ((2, 8, 1), (2, 9, 0))  # [min, max)
+NNUNET_PATH_VARIABLES = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
+EXT_TRAINER_VARIABLE = "nnUNet_extTrainer"
+DEFAULT_PLANS = "nnUNetPlans"
+
+
+def nnunet_version() -> str:
+    from importlib.metadata import version
+
+    return version("nnunetv2")
+
+
+def version_tuple(text: str) -> tuple[int, ...]:
+    parts = []
+    for piece in text.split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def nnunet_version_supported(text: str | None = None) -> bool:
+    found = version_tuple(text or nnunet_version())
+    return SUPPORTED_NNUNET[0] <= found < SUPPORTED_NNUNET[1]
+
+
+# --- trainers -----------------------------------------------------------------------------------
+
+def base_trainer_class():
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    return nnUNetTrainer
+
+
+def find_trainer_class(name: str):
+    """nnU-Net's own trainer lookup (its tree, then ``nnUNet_extTrainer``), as the stock CLI does it."""
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    return recursive_find_trainer_class_by_name(name)
+
+
+def nnunet_trainer_folder() -> Path:
+    """The folder nnU-Net searches first for trainers; names found there shadow ours."""
+    import nnunetv2
+
+    return Path(nnunetv2.__path__[0]) / "training" / "nnUNetTrainer"
+
+
+def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
+    """Load an nnU-Net checkpoint; memory-mapped, so reading one extra key is cheap."""
+    import torch
+
+    return torch.load(path, map_location=map_location, weights_only=False, mmap=True)
+
+
+def write_checkpoint(checkpoint: dict, path: str | os.PathLike) -> None:
+    """Write atomically: a crash mid-write must not destroy the previous checkpoint."""
+    import torch
+
+    tmp = f"{os.fspath(path)}.nnunet_ext_tmp"
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, path)
+
+
+# --- datasets and folders -------------------------------------------------------------------------
+
+def dataset_name(dataset_name_or_id: int | str) -> str:
+    """``5`` or ``Dataset005_X`` -> ``Dataset005_X`` (looks in the nnU-Net folders)."""
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    return maybe_convert_to_dataset_name(dataset_name_or_id)
+
+
+def trained_model_folder(dataset: int | str, trainer: str, plans: str, configuration: str) -> Path:
+    from nnunetv2.utilities.file_path_utilities import get_output_folder
+
+    return Path(get_output_folder(dataset_name(dataset), trainer, plans, configuration))
+
+
+# --- planning and preprocessing -------------------------------------------------------------------
+
+def extract_fingerprint(dataset_id: int, num_processes: int, check_integrity: bool = True,
+                        overwrite: bool = False) -> dict:
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset
+
+    return extract_fingerprint_dataset(dataset_id, num_processes=num_processes,
+                                       check_dataset_integrity=check_integrity, clean=overwrite)
+
+
+def nnunet_planner_class(name: str):
+    """One of nnU-Net's own experiment planners by class name, or None."""
+    import nnunetv2
+    from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
+
+    return recursive_find_python_class(str(Path(nnunetv2.__path__[0]) / "experiment_planning"), name,
+                                       current_module="nnunetv2.experiment_planning")
+
+
+def plan_dataset(dataset_id: int, planner_class, gpu_memory_target_in_gb: float | None = None,
+                 plans_name: str | None = None) -> str:
+    """Run an ExperimentPlanner subclass (ours or nnU-Net's); returns the plans identifier."""
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import plan_experiment_dataset
+
+    _, plans_identifier = plan_experiment_dataset(dataset_id, planner_class,
+                                                  gpu_memory_target_in_gb=gpu_memory_target_in_gb,
+                                                  overwrite_plans_name=plans_name)
+    return plans_identifier
+
+
+def preprocess(dataset_id: int, plans_identifier: str, configurations: Sequence[str], num_processes: int) -> None:
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess_dataset
+
+    preprocess_dataset(dataset_id, plans_identifier, list(configurations), [num_processes] * len(configurations))
+
+
+# --- training, inference, evaluation -----------------------------------------------------------------
+
+def train(dataset_id: int, configuration: str, fold: int, trainer: str, plans_identifier: str, device) -> None:
+    """What ``nnUNetv2_train`` does, in-process (the trainer is found by nnU-Net's lookup)."""
+    from nnunetv2.run.run_training import run_training
+
+    run_training(str(dataset_id), configuration, fold, trainer_class_name=trainer,
+                 plans_identifier=plans_identifier, device=device)
+
+
+def predict_folder(model_folder: str | os.PathLike, input_folder: str | os.PathLike,
+                   output_folder: str | os.PathLike, folds: Sequence[int], device,
+                   num_processes: int = 1, checkpoint: str = "checkpoint_final.pth") -> None:
+    """What ``nnUNetv2_predict`` does, through nnU-Net's predictor (sliding window, export)."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    predictor = nnUNetPredictor(device=device, perform_everything_on_device=device.type != "cpu",
+                                allow_tqdm=True)
+    predictor.initialize_from_trained_model_folder(os.fspath(model_folder), tuple(folds), checkpoint_name=checkpoint)
+    predictor.predict_from_files(os.fspath(input_folder), os.fspath(output_folder),
+                                 num_processes_preprocessing=num_processes,
+                                 num_processes_segmentation_export=num_processes)
+
+
+def evaluate_folder(reference_folder: str | os.PathLike, prediction_folder: str | os.PathLike,
+                    dataset_json: str | os.PathLike, plans_json: str | os.PathLike,
+                    output_file: str | os.PathLike, num_processes: int = 1) -> dict:
+    """nnU-Net's evaluator (``nnUNetv2_evaluate_folder``); returns the summary dict."""
+    from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder2
+
+    return compute_metrics_on_folder2(os.fspath(reference_folder), os.fspath(prediction_folder),
+                                      os.fspath(dataset_json), os.fspath(plans_json),
+                                      output_file=os.fspath(output_file), num_processes=num_processes)
+
+
+def nnunet_planner_names() -> list[str]:
+    """Class names of nnU-Net's own experiment planners (for 'did you mean' messages)."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    from nnunetv2.experiment_planning.experiment_planners import default_experiment_planner
+    import nnunetv2.experiment_planning.experiment_planners as planners_package
+
+    base = default_experiment_planner.ExperimentPlanner
+    names = set()
+    for module_info in pkgutil.walk_packages(planners_package.__path__, planners_package.__name__ + "."):
+        try:
+            module = importlib.import_module(module_info.name)
+        except Exception:  # noqa: BLE001 - a broken optional planner must not break the listing
+            continue
+        names.update(name for name, obj in inspect.getmembers(module, inspect.isclass)
+                     if issubclass(obj, base))
+    return sorted(names)

@@ -1,0 +1,87 @@
+"""The one list of what nnunet-ext provides: methods, their trainers, networks and planners.
+
+Everything else (trainer discovery, ``nnunet-ext list``, the network registry, the parameter
+benchmark, the parametrised tests) reads this list, so adding a method is one entry here plus
+its own modules. Entries name classes by import path, as strings: reading the registry imports
+nothing heavy, which keeps ``nnunet-ext list`` and start-up fast.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class PaperNetwork:
+    """A network in the configuration of its paper (channels, classes, patch size)."""
+
+    name: str
+    builder: str  # "module:function", a zero-argument function returning the torch module
+    paper_parameters: int | None  # as reported in ../shared/METHODS.md; None where it depends on plans
+    configuration: str  # human-readable: which dataset configuration the builder reproduces
+
+
+@dataclass(frozen=True)
+class Method:
+    key: str
+    title: str
+    paper: str
+    trainers: tuple[str, ...] = ()  # "module:Class"
+    networks: tuple[PaperNetwork, ...] = ()
+    planners: tuple[str, ...] = ()  # "module:Class"
+    notes: str = field(default="")
+
+
+METHODS: tuple[Method, ...] = (
+    Method(
+        key="base",
+        title="nnU-Net (nnunet-ext base)",
+        paper="Isensee et al., nnU-Net: a self-configuring method for deep learning-based "
+              "biomedical image segmentation, Nature Methods 2021",
+        trainers=("nnunet_ext.trainers.base:nnUNetExtTrainer",),
+        notes="nnU-Net's default trainer plus short-run variables and method state in checkpoints; "
+              "the base class of every nnunet-ext trainer",
+    ),
+)
+
+
+def class_name(import_path: str) -> str:
+    return import_path.rsplit(":", 1)[1]
+
+
+def trainer_paths() -> dict[str, str]:
+    """Trainer class name -> "module:Class" for every registered trainer."""
+    return {class_name(path): path for method in METHODS for path in method.trainers}
+
+
+def planner_paths() -> dict[str, str]:
+    return {class_name(path): path for method in METHODS for path in method.planners}
+
+
+def paper_networks() -> dict[str, PaperNetwork]:
+    return {network.name: network for method in METHODS for network in method.networks}
+
+
+def method_of(class_or_network_name: str) -> Method | None:
+    for method in METHODS:
+        names = [class_name(p) for p in method.trainers + method.planners] + [n.name for n in method.networks]
+        if class_or_network_name in names:
+            return method
+    return None
+
+
+def import_object(import_path: str):
+    """Import "package.module:Name" and return the object."""
+    import importlib
+
+    module_name, _, attribute = import_path.partition(":")
+    return getattr(importlib.import_module(module_name), attribute)
+
+
+def unknown_name_message(kind: str, name: str, known: list[str]) -> str:
+    """Error text for an unknown trainer/planner/network name, listing the close matches."""
+    close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
+    if not close:
+        close = [k for k in known if name.lower() in k.lower() or k.lower() in name.lower()]
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    return f"Unknown {kind} '{name}'.{hint} Known {kind}s: {', '.join(sorted(known)) or '(none)'}."

@@ -1,0 +1,1 @@
+"""Test harness for nnunet-ext and its users: temporary nnU-Net roots and stock-CLI pipeline runs."""
