@@ -47,6 +47,14 @@ def base_trainer_class():
     return nnUNetTrainer
 
 
+def instantiate_trainer(trainer_class, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                        device, continue_training: bool = False):
+    """Create a trainer as ``nnUNetv2_train`` does. nnU-Net 2.8 passes the resume flag inside the
+    plans dict (the constructor pops ``continue_training``), so the plans are copied first."""
+    plans = dict(plans, continue_training=continue_training)
+    return trainer_class(plans, configuration, fold, dataset_json, device)
+
+
 def find_trainer_class(name: str):
     """nnU-Net's own trainer lookup (its tree, then ``nnUNet_extTrainer``), as the stock CLI does it."""
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name

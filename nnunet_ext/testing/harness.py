@@ -1,0 +1,170 @@
+"""End-to-end harness: a temporary nnU-Net root with the synthetic dataset, and the stock CLI.
+
+Every method's tests use it the same way: make a root, then ``run_stock_pipeline(root, trainer)``
+runs ``nnUNetv2_plan_and_preprocess``, ``nnUNetv2_train``, ``nnUNetv2_predict`` and
+``nnUNetv2_evaluate_folder`` as subprocesses, exactly as a user types them, and
+``check_pipeline_outputs`` asserts on what they wrote. Short schedules come from the
+``NNUNET_EXT_*`` variables, so trainers run unmodified.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from nnunet_ext.datasets.synthetic import SyntheticSpec, dataset_folder_name, write_synthetic_dataset
+
+HARNESS_DATASET_ID = 991
+HARNESS_DATASET_NAME = "HarnessAbdomen"
+# Small enough for seconds per CPU iteration, big enough for nnU-Net to plan a 3-4 stage U-Net.
+HARNESS_SPEC = SyntheticSpec(num_training=6, num_test=2, shape=(16, 40, 40), spacing=(2.5, 1.0, 1.0))
+
+
+@dataclass(frozen=True)
+class NnUNetRoot:
+    """A self-contained nnU-Net folder set (raw, preprocessed, results) holding one dataset."""
+
+    path: Path
+    dataset_id: int
+    dataset_name: str
+
+    @property
+    def raw(self) -> Path:
+        return self.path / "nnUNet_raw"
+
+    @property
+    def preprocessed(self) -> Path:
+        return self.path / "nnUNet_preprocessed"
+
+    @property
+    def results(self) -> Path:
+        return self.path / "nnUNet_results"
+
+    @property
+    def dataset_raw(self) -> Path:
+        return self.raw / self.dataset_name
+
+    def env(self, epochs: int = 1, iterations: int = 2, validation_iterations: int = 1, **extra: str) -> dict:
+        """Environment for a stock command: this root's folders, a short schedule, CPU-friendly workers.
+
+        nnUNet_extTrainer is deliberately not set here: discovery must come from the installed hook.
+        """
+        env = dict(os.environ)
+        env.update({
+            "nnUNet_raw": str(self.raw), "nnUNet_preprocessed": str(self.preprocessed),
+            "nnUNet_results": str(self.results),
+            "NNUNET_EXT_NUM_EPOCHS": str(epochs), "NNUNET_EXT_ITERS_PER_EPOCH": str(iterations),
+            "NNUNET_EXT_VAL_ITERS": str(validation_iterations),
+            "nnUNet_n_proc_DA": env.get("nnUNet_n_proc_DA", "1"), "nnUNet_compile": "false",
+            "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "2"),
+        })
+        env.update(extra)
+        return env
+
+
+def make_nnunet_root(base: str | os.PathLike, dataset_id: int = HARNESS_DATASET_ID,
+                     name: str = HARNESS_DATASET_NAME, spec: SyntheticSpec = HARNESS_SPEC) -> NnUNetRoot:
+    root = NnUNetRoot(Path(base), dataset_id, dataset_folder_name(dataset_id, name))
+    for folder in (root.raw, root.preprocessed, root.results):
+        folder.mkdir(parents=True, exist_ok=True)
+    write_synthetic_dataset(root.raw, dataset_id, name, spec)
+    return root
+
+
+def stock_command(name: str) -> str:
+    """Path of an installed console script (nnUNetv2_*, nnunet-ext) of this interpreter's environment."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def run_stock(arguments: Sequence[str], env: dict, timeout: float = 900) -> subprocess.CompletedProcess:
+    """Run a command like a user would; on failure, raise with the command and its output's tail."""
+    command = [stock_command(arguments[0]), *map(str, arguments[1:])]
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    if completed.returncode != 0:
+        output = (completed.stdout + completed.stderr)[-6000:]
+        raise AssertionError(f"`{' '.join(command)}` failed with exit status {completed.returncode}:\n{output}")
+    return completed
+
+
+def plan_and_preprocess(root: NnUNetRoot, configuration: str = "3d_fullres", plans: str = "nnUNetPlans") -> None:
+    """Stock planning + preprocessing, once per root and plans (later calls reuse the result)."""
+    if (root.preprocessed / root.dataset_name / f"{plans}.json").is_file() and \
+            (root.preprocessed / root.dataset_name / f"{plans}_{configuration}").is_dir():
+        return
+    run_stock(["nnUNetv2_plan_and_preprocess", "-d", root.dataset_id, "-c", configuration, "-np", 1,
+               "--verify_dataset_integrity"], root.env())
+
+
+@dataclass(frozen=True)
+class PipelineResult:
+    trainer: str
+    model_folder: Path
+    fold_folder: Path
+    predictions: Path
+    summary: dict
+    train_output: str
+
+
+def run_stock_pipeline(root: NnUNetRoot, trainer: str, configuration: str = "3d_fullres",
+                       plans: str = "nnUNetPlans", fold: int = 0, epochs: int = 1, iterations: int = 2,
+                       extra_train_args: Sequence[str] = (), extra_env: dict | None = None) -> PipelineResult:
+    """plan+preprocess (cached), train, predict imagesTs, evaluate against labelsTs: all stock CLI."""
+    plan_and_preprocess(root, configuration, plans)
+    env = root.env(epochs=epochs, iterations=iterations, **(extra_env or {}))
+    train = run_stock(["nnUNetv2_train", root.dataset_id, configuration, fold, "-tr", trainer, "-p", plans,
+                       "-device", "cpu", *extra_train_args], env)
+    model_folder = root.results / root.dataset_name / f"{trainer}__{plans}__{configuration}"
+    predictions = root.path / "predictions" / f"{trainer}__{plans}__{configuration}"
+    run_stock(["nnUNetv2_predict", "-i", root.dataset_raw / "imagesTs", "-o", predictions, "-d", root.dataset_id,
+               "-c", configuration, "-f", fold, "-tr", trainer, "-p", plans, "-device", "cpu",
+               "-npp", 1, "-nps", 1, "--disable_progress_bar"], env)
+    run_stock(["nnUNetv2_evaluate_folder", root.dataset_raw / "labelsTs", predictions,
+               "-djfile", model_folder / "dataset.json", "-pfile", model_folder / "plans.json", "-np", 1], env)
+    summary = json.loads((predictions / "summary.json").read_text())
+    return PipelineResult(trainer, model_folder, model_folder / f"fold_{fold}", predictions, summary,
+                          train.stdout + train.stderr)
+
+
+CHECKPOINT_KEYS = {"network_weights", "optimizer_state", "current_epoch", "init_args", "trainer_name",
+                   "inference_allowed_mirroring_axes", "logging"}
+
+
+def check_pipeline_outputs(root: NnUNetRoot, result: PipelineResult, epochs: int = 1) -> None:
+    """Assert on what the stock commands wrote: checkpoint, validation, predictions, summary."""
+    import numpy as np
+    import SimpleITK as sitk
+    import torch
+
+    checkpoint = torch.load(result.fold_folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    missing = CHECKPOINT_KEYS - set(checkpoint)
+    assert not missing, f"checkpoint lacks {missing}"
+    assert checkpoint["trainer_name"] == result.trainer
+    assert checkpoint["current_epoch"] == epochs, checkpoint["current_epoch"]
+    assert (result.fold_folder / "validation" / "summary.json").is_file(), "nnU-Net's final validation missing"
+    assert (result.fold_folder / "progress.png").is_file()
+
+    dataset_json = json.loads((root.dataset_raw / "dataset.json").read_text())
+    ending = dataset_json["file_ending"]
+    label_values = set(dataset_json["labels"].values())
+    references = sorted((root.dataset_raw / "labelsTs").glob(f"*{ending}"))
+    assert references, "no test labels in the harness dataset"
+    for reference in references:
+        prediction = result.predictions / reference.name
+        assert prediction.is_file(), f"no prediction for {reference.name}"
+        ref_image, pred_image = sitk.ReadImage(str(reference)), sitk.ReadImage(str(prediction))
+        assert ref_image.GetSize() == pred_image.GetSize()
+        assert np.allclose(ref_image.GetSpacing(), pred_image.GetSpacing())
+        values = set(np.unique(sitk.GetArrayFromImage(pred_image)).tolist())
+        assert values <= label_values, f"{prediction.name} has labels {values - label_values} not in dataset.json"
+
+    per_case = result.summary["metric_per_case"]
+    assert len(per_case) == len(references)
+    foreground = {str(v) for v in label_values if v != 0}
+    assert foreground <= set(map(str, result.summary["mean"])), result.summary["mean"].keys()
+    for metrics in result.summary["mean"].values():
+        assert 0.0 <= metrics["Dice"] <= 1.0 or np.isnan(metrics["Dice"])

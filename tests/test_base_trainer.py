@@ -1,0 +1,101 @@
+"""The base trainer: short-run variables and method state that survives checkpoint/resume."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from nnunet_ext import compat
+from nnunet_ext.testing.harness import run_stock
+from nnunet_ext.trainers.base import METHOD_STATE_KEY, nnUNetExtTrainer, short_run_overrides
+
+
+def test_short_run_overrides_read_the_three_variables():
+    env = {"NNUNET_EXT_NUM_EPOCHS": "3", "NNUNET_EXT_ITERS_PER_EPOCH": " 7 ", "NNUNET_EXT_VAL_ITERS": "1"}
+    assert short_run_overrides(env) == {"num_epochs": 3, "num_iterations_per_epoch": 7,
+                                        "num_val_iterations_per_epoch": 1}
+    assert short_run_overrides({}) == {}
+    assert short_run_overrides({"NNUNET_EXT_NUM_EPOCHS": ""}) == {}
+
+
+@pytest.mark.parametrize("bad", ["0", "-2", "1.5", "ten"])
+def test_bad_short_run_value_names_the_variable_and_the_fix(bad):
+    with pytest.raises(ValueError, match="NNUNET_EXT_ITERS_PER_EPOCH.*unset NNUNET_EXT_ITERS_PER_EPOCH"):
+        short_run_overrides({"NNUNET_EXT_ITERS_PER_EPOCH": bad})
+
+
+class _TrainerWithState(nnUNetExtTrainer):
+    """A method-like trainer whose state must come back after resume (as a ramp-up step would)."""
+
+    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.ramp_step = 0
+        self.task_map = {}
+
+    def method_state(self) -> dict:
+        return {"ramp_step": self.ramp_step, "task_map": dict(self.task_map)}
+
+    def load_method_state(self, state: dict) -> None:
+        self.ramp_step = state["ramp_step"]
+        self.task_map = dict(state["task_map"])
+
+
+def _make_trainer(root, cls, monkeypatch):
+    for name, value in root.env().items():
+        if name.startswith("nnUNet") or name.startswith("NNUNET_EXT"):
+            monkeypatch.setenv(name, value)
+    folder = root.preprocessed / root.dataset_name
+    plans = json.loads((folder / "nnUNetPlans.json").read_text())
+    dataset_json = json.loads((folder / "dataset.json").read_text())
+    return compat.instantiate_trainer(cls, plans, "3d_fullres", 0, dataset_json, torch.device("cpu"))
+
+
+def test_short_run_variables_reach_the_trainer_and_its_lr_schedule(nnunet_root, monkeypatch):
+    trainer = _make_trainer(nnunet_root, nnUNetExtTrainer, monkeypatch)
+    monkeypatch.setenv("NNUNET_EXT_NUM_EPOCHS", "4")
+    monkeypatch.setenv("NNUNET_EXT_ITERS_PER_EPOCH", "3")
+    monkeypatch.delenv("NNUNET_EXT_VAL_ITERS")
+    assert trainer.num_epochs == 1000  # nnU-Net's default until initialize
+    trainer.initialize()
+    assert (trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.num_val_iterations_per_epoch) == (4, 3, 50)
+    assert trainer.lr_scheduler.max_steps == 4
+
+
+def test_method_state_is_saved_in_the_checkpoint_and_restored(nnunet_root, monkeypatch, tmp_path):
+    trainer = _make_trainer(nnunet_root, _TrainerWithState, monkeypatch)
+    trainer.initialize()
+    trainer.ramp_step, trainer.task_map = 1234, {"liver": 1, "kidney": 2}
+    path = tmp_path / "checkpoint.pth"
+    trainer.save_checkpoint(str(path))
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    assert saved[METHOD_STATE_KEY] == {"ramp_step": 1234, "task_map": {"liver": 1, "kidney": 2}}
+    assert saved["trainer_name"] == "_TrainerWithState"  # nnU-Net's own keys untouched
+
+    resumed = _make_trainer(nnunet_root, _TrainerWithState, monkeypatch)
+    resumed.load_checkpoint(str(path))
+    assert (resumed.ramp_step, resumed.task_map) == (1234, {"liver": 1, "kidney": 2})
+    for a, b in zip(trainer.network.state_dict().values(), resumed.network.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_trainer_without_method_state_writes_nnunet_checkpoints_unchanged(nnunet_root, monkeypatch, tmp_path):
+    trainer = _make_trainer(nnunet_root, nnUNetExtTrainer, monkeypatch)
+    trainer.initialize()
+    trainer.save_checkpoint(str(tmp_path / "c.pth"))
+    assert METHOD_STATE_KEY not in torch.load(tmp_path / "c.pth", map_location="cpu", weights_only=False)
+
+
+def test_stock_train_continue_flag_resumes_where_it_stopped(nnunet_root):
+    """nnUNetv2_train --c: a 1-epoch run, then continue to 2 epochs from checkpoint_latest."""
+    common = ["nnUNetv2_train", nnunet_root.dataset_id, "3d_fullres", 1, "-tr", "nnUNetExtTrainer", "-device", "cpu"]
+    fold = nnunet_root.results / nnunet_root.dataset_name / "nnUNetExtTrainer__nnUNetPlans__3d_fullres" / "fold_1"
+    run_stock(common, nnunet_root.env(epochs=1))
+    final = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert final["current_epoch"] == 1
+    # nnU-Net continues from checkpoint_final when it is the newest; ask for one more epoch
+    second = run_stock(common + ["--c"], nnunet_root.env(epochs=2))
+    final = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert final["current_epoch"] == 2
+    assert len(final["logging"]["train_losses"]) == 2, "the resumed run should append to the first run's log"
+    assert "num_epochs = 2" in second.stdout
