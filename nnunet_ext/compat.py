@@ -163,12 +163,15 @@ def predict_folder(model_folder: str | os.PathLike, input_folder: str | os.PathL
 def evaluate_folder(reference_folder: str | os.PathLike, prediction_folder: str | os.PathLike,
                     dataset_json: str | os.PathLike, plans_json: str | os.PathLike,
                     output_file: str | os.PathLike, num_processes: int = 1) -> dict:
-    """nnU-Net's evaluator (``nnUNetv2_evaluate_folder``); returns the summary dict."""
+    """nnU-Net's evaluator (``nnUNetv2_evaluate_folder``); returns the summary.json it wrote."""
+    import json
+
     from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder2
 
-    return compute_metrics_on_folder2(os.fspath(reference_folder), os.fspath(prediction_folder),
-                                      os.fspath(dataset_json), os.fspath(plans_json),
-                                      output_file=os.fspath(output_file), num_processes=num_processes)
+    compute_metrics_on_folder2(os.fspath(reference_folder), os.fspath(prediction_folder), os.fspath(dataset_json),
+                               os.fspath(plans_json), output_file=os.fspath(output_file), num_processes=num_processes)
+    with open(output_file) as file:
+        return json.load(file)
 
 
 def nnunet_planner_names() -> list[str]:

@@ -30,12 +30,13 @@ DEFAULT_TRAINER = "nnUNetExtTrainer"
 @dataclass(frozen=True)
 class DemoSettings:
     trainer: str = DEFAULT_TRAINER
-    epochs: int = 8
+    epochs: int = 20
     iterations: int = 25
     validation_iterations: int = 2
     workdir: Path | None = None
     num_training: int = 10
     num_test: int = 3
+    shape: tuple[int, int, int] = (16, 48, 48)  # small enough for a few hundred CPU iterations in minutes
     seed: int = 0
 
 
@@ -114,6 +115,15 @@ class StepPrinter:
               flush=True)
 
 
+def planner_for(device):
+    """nnU-Net's default planner on a GPU; on a CPU our narrow CPUDemoPlanner (same rules, 1/4 width)."""
+    if device.type == "cuda":
+        return compat.nnunet_planner_class("ExperimentPlanner")
+    from nnunet_ext.plans.cpu_demo import CPUDemoPlanner
+
+    return CPUDemoPlanner
+
+
 def check_trainer_name(name: str) -> None:
     import contextlib
     import io
@@ -140,12 +150,14 @@ def run_demo(settings: DemoSettings) -> DemoResult:
         processes = max(1, min(4, os.cpu_count() or 1))
 
         step("Writing the built-in synthetic dataset")
-        spec = SyntheticSpec(num_training=settings.num_training, num_test=settings.num_test, seed=settings.seed)
+        spec = SyntheticSpec(num_training=settings.num_training, num_test=settings.num_test,
+                             shape=settings.shape, seed=settings.seed)
         raw = write_synthetic_dataset(env["nnUNet_raw"], DEMO_DATASET_ID, DEMO_DATASET_NAME, spec)
 
-        step("Planning and preprocessing (nnU-Net fingerprint, ExperimentPlanner, preprocessing)")
+        planner = planner_for(device)
+        step(f"Planning and preprocessing (nnU-Net fingerprint, {planner.__name__}, preprocessing)")
         compat.extract_fingerprint(DEMO_DATASET_ID, processes, check_integrity=True, overwrite=True)
-        plans = compat.plan_dataset(DEMO_DATASET_ID, compat.nnunet_planner_class("ExperimentPlanner"))
+        plans = compat.plan_dataset(DEMO_DATASET_ID, planner)
         compat.preprocess(DEMO_DATASET_ID, plans, [DEMO_CONFIGURATION], processes)
 
         step(f"Training fold 0 with {settings.trainer} on {device.type}")

@@ -39,6 +39,7 @@ METHODS: tuple[Method, ...] = (
         paper="Isensee et al., nnU-Net: a self-configuring method for deep learning-based "
               "biomedical image segmentation, Nature Methods 2021",
         trainers=("nnunet_ext.trainers.base:nnUNetExtTrainer",),
+        planners=("nnunet_ext.plans.cpu_demo:CPUDemoPlanner",),
         notes="nnU-Net's default trainer plus short-run variables and method state in checkpoints; "
               "the base class of every nnunet-ext trainer",
     ),
