@@ -30,7 +30,7 @@ DEFAULT_TRAINER = "nnUNetExtTrainer"
 @dataclass(frozen=True)
 class DemoSettings:
     trainer: str = DEFAULT_TRAINER
-    epochs: int = 20
+    epochs: int = 30
     iterations: int = 25
     validation_iterations: int = 2
     workdir: Path | None = None
@@ -80,7 +80,9 @@ def demo_environment(workdir: Path, settings: DemoSettings) -> Iterator[dict[str
         "NNUNET_EXT_VAL_ITERS": str(settings.validation_iterations),
     }
     if "nnUNet_n_proc_DA" not in os.environ:
-        values["nnUNet_n_proc_DA"] = str(min(2, os.cpu_count() or 1))
+        # one augmentation worker: on a small CPU more workers only fight the training for cores
+        # (0, nnU-Net's "no workers", breaks its planner's torch.set_num_threads call)
+        values["nnUNet_n_proc_DA"] = "1" if pick_device().type == "cpu" else str(min(12, os.cpu_count() or 1))
     saved = {key: os.environ.get(key) for key in values}
     os.environ.update(values)
     for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
