@@ -79,10 +79,10 @@ def demo_environment(workdir: Path, settings: DemoSettings) -> Iterator[dict[str
         "NNUNET_EXT_ITERS_PER_EPOCH": str(settings.iterations),
         "NNUNET_EXT_VAL_ITERS": str(settings.validation_iterations),
     }
-    if "nnUNet_n_proc_DA" not in os.environ:
+    if "nnUNet_n_proc_DA" not in os.environ and pick_device().type == "cpu":
         # one augmentation worker: on a small CPU more workers only fight the training for cores
         # (0, nnU-Net's "no workers", breaks its planner's torch.set_num_threads call)
-        values["nnUNet_n_proc_DA"] = "1" if pick_device().type == "cpu" else str(min(12, os.cpu_count() or 1))
+        values["nnUNet_n_proc_DA"] = "1"
     saved = {key: os.environ.get(key) for key in values}
     os.environ.update(values)
     for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):

@@ -90,16 +90,37 @@ def test_plan_unknown_planner_lists_close_matches(monkeypatch, tmp_path, capsys)
     assert "Unknown planner 'nnUNetPlannerResEncMM'" in error and "nnUNetPlannerResEncM" in error
 
 
-def test_plan_runs_an_nnunet_planner_and_the_plans_work_with_stock_preprocess(tmp_path):
+def test_plan_unknown_dataset_says_where_it_looked(monkeypatch, tmp_path, capsys):
+    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        (tmp_path / name).mkdir()
+        monkeypatch.setenv(name, str(tmp_path / name))
+    assert main(["plan", "-d", "123", "-pl", "ExperimentPlanner"]) == 2
+    error = capsys.readouterr().err
+    assert "Dataset123_<Name>" in error and str(tmp_path / "nnUNet_raw") in error
+
+
+def test_plan_resolves_our_planners_first_then_nnunets():
+    from nnunet_ext.cli.plan import resolve_planner
+    from nnunet_ext.plans.cpu_demo import CPUDemoPlanner
+
+    assert resolve_planner("CPUDemoPlanner") is CPUDemoPlanner
+    assert resolve_planner("nnUNetPlannerResEncM").__module__.startswith("nnunetv2.experiment_planning")
+
+
+def test_plan_runs_our_planner_and_the_plans_work_with_stock_preprocess(tmp_path):
+    import json
+
     from nnunet_ext.testing.harness import make_nnunet_root, run_stock
 
     root = make_nnunet_root(tmp_path)
     env = root.env()
-    result = run_cli("plan", "-d", root.dataset_id, "-pl", "ExperimentPlanner", "-overwrite_plans_name", "MyPlans",
+    result = run_cli("plan", "-d", root.dataset_id, "-pl", "CPUDemoPlanner", "-overwrite_plans_name", "MyPlans",
                      "-np", 1, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    plans = root.preprocessed / root.dataset_name / "MyPlans.json"
-    assert plans.is_file() and (root.preprocessed / root.dataset_name / "dataset_fingerprint.json").is_file()
+    plans_file = root.preprocessed / root.dataset_name / "MyPlans.json"
+    plans = json.loads(plans_file.read_text())
+    assert plans["experiment_planner_used"] == "CPUDemoPlanner"
+    assert plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["features_per_stage"][0] == 8
     assert f"nnUNetv2_preprocess -d {root.dataset_id} -plans_name MyPlans" in result.stdout
     run_stock(["nnUNetv2_preprocess", "-d", root.dataset_id, "-plans_name", "MyPlans", "-c", "3d_fullres",
                "-np", 1], env)

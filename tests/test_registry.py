@@ -31,7 +31,7 @@ def test_unknown_network_lists_known_names():
 
 def test_unknown_name_message_suggests_close_matches():
     message = unknown_name_message("trainer", "CoTrTrainr", ["CoTrTrainer", "BANetTrainer"])
-    assert "Did you mean: CoTrTrainer?" in message and "Known trainers: BANetTrainer, CoTrTrainer" in message
+    assert "Did you mean: CoTrTrainer," in message and "Known trainers: BANetTrainer, CoTrTrainer" in message
 
 
 @pytest.mark.parametrize("name", NETWORKS)

@@ -53,7 +53,11 @@ def run(args: argparse.Namespace) -> int:
     require_path_variables(("nnUNet_raw", "nnUNet_preprocessed"))
     planner = resolve_planner(args.pl)
     for dataset_id in args.d:
-        name = compat.dataset_name(dataset_id)
+        try:
+            name = compat.dataset_name(dataset_id)
+        except RuntimeError as error:
+            raise UserFacingError(f"{error}\nExpected a folder Dataset{dataset_id:03d}_<Name> in "
+                                  f"{os.environ['nnUNet_raw']}.") from None
         fingerprint = os.path.join(os.environ["nnUNet_preprocessed"], name, "dataset_fingerprint.json")
         if not os.path.isfile(fingerprint):
             print(f"Extracting the fingerprint of {name}...")
