@@ -16,8 +16,6 @@ from typing import Any, Sequence
 
 SUPPORTED_NNUNET = ((2, 8, 1), (2, 9, 0))  # [min, max)
 NNUNET_PATH_VARIABLES = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
-EXT_TRAINER_VARIABLE = "nnUNet_extTrainer"
-DEFAULT_PLANS = "nnUNetPlans"
 
 
 def nnunet_version() -> str:

@@ -193,9 +193,13 @@ def dice_per_class(summary: dict, labels: dict[str, int]) -> dict[str, float]:
             for key, metrics in summary["mean"].items() if str(key) in names}
 
 
-def write_demo_figure(raw: Path, predictions: Path, dataset_json: dict, out_png: Path, summary: dict) -> Path:
+def _read_array(path: Path):
     import SimpleITK as sitk
 
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def write_demo_figure(raw: Path, predictions: Path, dataset_json: dict, out_png: Path, summary: dict) -> Path:
     from nnunet_ext.datasets.figures import save_overlay_figure
 
     ending = dataset_json["file_ending"]
@@ -204,13 +208,12 @@ def write_demo_figure(raw: Path, predictions: Path, dataset_json: dict, out_png:
     cases = []
     for prediction_file in sorted(predictions.glob(f"*{ending}")):
         case_id = prediction_file.name[: -len(ending)]
-        read = lambda path: sitk.GetArrayFromImage(sitk.ReadImage(str(path)))  # noqa: E731
         metrics = per_case.get(prediction_file.name, {})
         cases.append({
             "name": case_id,
-            "image": read(raw / "imagesTs" / f"{case_id}_0000{ending}"),
-            "reference": read(raw / "labelsTs" / f"{case_id}{ending}"),
-            "prediction": read(prediction_file),
+            "image": _read_array(raw / "imagesTs" / f"{case_id}_0000{ending}"),
+            "reference": _read_array(raw / "labelsTs" / f"{case_id}{ending}"),
+            "prediction": _read_array(prediction_file),
             "dice": {class_names[int(k)]: float(v["Dice"]) for k, v in metrics.items() if int(k) in class_names},
         })
     return save_overlay_figure(cases, out_png, class_names)
