@@ -43,6 +43,14 @@ METHODS: tuple[Method, ...] = (
         notes="nnU-Net's default trainer plus short-run variables and method state in checkpoints; "
               "the base class of every nnunet-ext trainer",
     ),
+    Method(
+        key="cotr",
+        title="CoTr",
+        paper="Xie et al., CoTr: Efficiently Bridging CNN and Transformer for 3D Medical Image Segmentation, MICCAI 2021",
+        networks=(PaperNetwork("CoTr", "nnunet_ext.architectures.cotr:paper_cotr", 41_872_504,
+                               "BCV: 1 input channel, 14 classes, patch 48x192x192"),),
+        notes="CNN encoder + deformable transformer (DeTrans) + CNN decoder",
+    ),
 )
 
 
