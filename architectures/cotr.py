@@ -309,6 +309,17 @@ class CoTrDecoder(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # the network
 # ---------------------------------------------------------------------------------------------
+def deep_supervision_scales_for_strides(strides: Sequence[Sequence[int]]) -> list[list[float]]:
+    """Scales of CoTr's outputs ``[result, ds_0, ...]`` for these strides, without building the network
+    (trainers need them for target downsampling before the network exists)."""
+    scales = [[1.0, 1.0, 1.0]]
+    cumulative = np.ones(3, dtype=np.int64)
+    for stride in list(strides)[:-1]:
+        cumulative = cumulative * np.asarray(stride, dtype=np.int64)
+        scales.append([1.0 / float(c) for c in cumulative])
+    return scales
+
+
 def _as_triple_list(values, name: str) -> tuple[IntTriple, ...]:
     try:
         triples = tuple(tuple(int(v) for v in row) for row in values)
@@ -438,12 +449,7 @@ class CoTr(nn.Module):
         ``[[1,1,1], [1,.5,.5], [.5,.25,.25], [.25,.125,.125]]``. These are the outputs'
         scales when ``decoder.deep_supervision`` is on (off: only the first).
         """
-        scales = [[1.0, 1.0, 1.0]]
-        cumulative = np.ones(3, dtype=np.int64)
-        for stride in self.strides[:-1]:
-            cumulative = cumulative * np.asarray(stride, dtype=np.int64)
-            scales.append([1.0 / float(c) for c in cumulative])
-        return scales
+        return deep_supervision_scales_for_strides(self.strides)
 
     def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> int:
         """Rough number of feature-map values of one forward pass (batch 1), for VRAM estimates.

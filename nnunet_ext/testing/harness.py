@@ -60,6 +60,9 @@ class NnUNetRoot:
             "NNUNET_EXT_NUM_EPOCHS": str(epochs), "NNUNET_EXT_ITERS_PER_EPOCH": str(iterations),
             "NNUNET_EXT_VAL_ITERS": str(validation_iterations),
             "nnUNet_n_proc_DA": env.get("nnUNet_n_proc_DA", "1"), "nnUNet_compile": "false",
+            # nnU-Net's final validation spawns this many export workers (default 8), each importing
+            # torch: tens of seconds per training run on a 2-core machine for nothing
+            "nnUNet_def_n_proc": env.get("nnUNet_def_n_proc", "1"),
             "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "2"),
         })
         env.update(extra)
