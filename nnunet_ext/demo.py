@@ -30,7 +30,7 @@ DEFAULT_TRAINER = "nnUNetExtTrainer"
 @dataclass(frozen=True)
 class DemoSettings:
     trainer: str = DEFAULT_TRAINER
-    epochs: int = 40
+    epochs: int = 30
     iterations: int = 25
     validation_iterations: int = 2
     workdir: Path | None = None
