@@ -81,22 +81,25 @@ def test_plan_without_folder_variables_says_which_and_how(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_plan_unknown_planner_lists_close_matches(monkeypatch, tmp_path, capsys):
+@pytest.fixture
+def empty_nnunet_folders(monkeypatch, tmp_path):
+    """The three nnU-Net folder variables pointing at new empty folders (in this process)."""
     for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         (tmp_path / name).mkdir()
         monkeypatch.setenv(name, str(tmp_path / name))
+    return tmp_path
+
+
+def test_plan_unknown_planner_lists_close_matches(empty_nnunet_folders, capsys):
     assert main(["plan", "-d", "5", "-pl", "nnUNetPlannerResEncMM"]) == 2
     error = capsys.readouterr().err
     assert "Unknown planner 'nnUNetPlannerResEncMM'" in error and "nnUNetPlannerResEncM" in error
 
 
-def test_plan_unknown_dataset_says_where_it_looked(monkeypatch, tmp_path, capsys):
-    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        (tmp_path / name).mkdir()
-        monkeypatch.setenv(name, str(tmp_path / name))
+def test_plan_unknown_dataset_says_where_it_looked(empty_nnunet_folders, capsys):
     assert main(["plan", "-d", "123", "-pl", "ExperimentPlanner"]) == 2
     error = capsys.readouterr().err
-    assert "Dataset123_<Name>" in error and str(tmp_path / "nnUNet_raw") in error
+    assert "Dataset123_<Name>" in error and str(empty_nnunet_folders / "nnUNet_raw") in error
 
 
 def test_plan_resolves_our_planners_first_then_nnunets():

@@ -38,9 +38,9 @@ from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
 from nnunet_ext.architectures.cotr import CoTr, deep_supervision_scales_for_strides
+from nnunet_ext.plans.cotr import COTR_CLASS_NAME
 from nnunet_ext.trainers.base import nnUNetExtTrainer
 
-COTR_CLASS_NAME = f"{CoTr.__module__}.{CoTr.__name__}"
 COTR_STRIDED_STAGES = 4  # stem + three residual layers (paper widths: len(features))
 _COTR_DEFAULTS = {name: p.default for name, p in inspect.signature(CoTr).parameters.items()
                   if p.default is not inspect.Parameter.empty}
