@@ -53,6 +53,22 @@ def instantiate_trainer(trainer_class, plans: dict, configuration: str, fold: in
     return trainer_class(plans, configuration, fold, dataset_json, device)
 
 
+def network_from_plans(class_name: str, arch_kwargs: dict, kwargs_requiring_import: Sequence[str],
+                       input_channels: int, output_channels: int, deep_supervision: bool = True):
+    """Build a network from a plans' class path and keyword arguments, as nnU-Net's trainer does."""
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    return get_network_from_plans(class_name, arch_kwargs, kwargs_requiring_import, input_channels,
+                                  output_channels, allow_init=True, deep_supervision=deep_supervision)
+
+
+def deep_supervision_loss(loss, weights):
+    """nnU-Net's deep-supervision wrapper: ``sum_i weights[i] * loss(outputs[i], targets[i])``."""
+    from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+
+    return DeepSupervisionWrapper(loss, weights)
+
+
 def find_trainer_class(name: str):
     """nnU-Net's own trainer lookup (its tree, then ``nnUNet_extTrainer``), as the stock CLI does it."""
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name

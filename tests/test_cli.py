@@ -106,7 +106,10 @@ def test_plan_resolves_our_planners_first_then_nnunets():
     from nnunet_ext.cli.plan import resolve_planner
     from nnunet_ext.plans.cpu_demo import CPUDemoPlanner
 
+    from nnunet_ext.plans.cotr import CoTrPlanner
+
     assert resolve_planner("CPUDemoPlanner") is CPUDemoPlanner
+    assert resolve_planner("CoTrPlanner") is CoTrPlanner
     assert resolve_planner("nnUNetPlannerResEncM").__module__.startswith("nnunetv2.experiment_planning")
 
 

@@ -292,15 +292,52 @@ def cpu_env(trainer_folder: str) -> dict:
     return {"nnUNet_extTrainer": trainer_folder, "nnUNet_def_n_proc": "1"}
 
 
-def test_stock_pipeline_with_cotr_plans(cotr_root, trainer_folder):
-    result = run_stock_pipeline(cotr_root, "CoTrTrainer", plans=CPU_PLANS,
-                                extra_env=cpu_env(trainer_folder))
+@pytest.fixture(scope="module")
+def cotr_pipeline(cotr_root, trainer_folder):
+    """Train (1 epoch), predict and evaluate a narrow CoTr with the stock CLI, once for this module."""
+    return run_stock_pipeline(cotr_root, "CoTrTrainer", plans=CPU_PLANS, extra_env=cpu_env(trainer_folder))
+
+
+def test_stock_pipeline_with_cotr_plans(cotr_root, cotr_pipeline):
+    result = cotr_pipeline
     check_pipeline_outputs(cotr_root, result)
     plans = json.loads((result.model_folder / "plans.json").read_text())
     assert plans["configurations"]["3d_fullres"]["architecture"]["network_class_name"] == COTR_CLASS_NAME
     checkpoint = compat.read_checkpoint(result.fold_folder / "checkpoint_final.pth")
     assert any(key.startswith("transformer.") for key in checkpoint["network_weights"])
     assert "num_epochs = 1 (was 1000)" in result.train_output
+
+
+def test_find_best_configuration_and_export_on_a_cotr_model(cotr_root, cotr_pipeline, trainer_folder, tmp_path):
+    """nnU-Net's model-selection and zip export/install work on a CoTr model folder, and the
+    installed copy predicts like the original."""
+    result = cotr_pipeline
+    env = cotr_root.env(**cpu_env(trainer_folder))
+    run_stock(["nnUNetv2_find_best_configuration", cotr_root.dataset_id, "-c", "3d_fullres", "-tr", "CoTrTrainer",
+               "-p", CPU_PLANS, "-f", 0, "-np", 1], env)
+    information = json.loads((cotr_root.results / cotr_root.dataset_name / "inference_information.json").read_text())
+    best = information["best_model_or_ensemble"]["selected_model_or_models"]
+    assert best == [{"configuration": "3d_fullres", "trainer": "CoTrTrainer", "plans_identifier": CPU_PLANS}]
+    instructions = (cotr_root.results / cotr_root.dataset_name / "inference_instructions.txt").read_text()
+    assert "-tr CoTrTrainer" in instructions and f"-p {CPU_PLANS}" in instructions
+
+    archive = tmp_path / "cotr_model.zip"
+    run_stock(["nnUNetv2_export_model_to_zip", "-d", cotr_root.dataset_id, "-o", archive, "-c", "3d_fullres",
+               "-tr", "CoTrTrainer", "-p", CPU_PLANS, "-f", 0], env)
+    assert archive.stat().st_size > 0
+    installed_results = tmp_path / "installed_results"
+    installed_results.mkdir()
+    installed_env = {**env, "nnUNet_results": str(installed_results)}
+    run_stock(["nnUNetv2_install_pretrained_model_from_zip", archive], installed_env)
+    predictions = tmp_path / "installed_predictions"
+    run_stock(["nnUNetv2_predict", "-i", cotr_root.dataset_raw / "imagesTs", "-o", predictions,
+               "-d", cotr_root.dataset_id, "-c", "3d_fullres", "-f", 0, "-tr", "CoTrTrainer", "-p", CPU_PLANS,
+               "-device", "cpu", "-npp", 1, "-nps", 1, "--disable_progress_bar"], installed_env)
+    import SimpleITK as sitk
+
+    for original in sorted(result.predictions.glob("*.nii.gz")):
+        again = sitk.GetArrayFromImage(sitk.ReadImage(str(predictions / original.name)))
+        assert np.array_equal(again, sitk.GetArrayFromImage(sitk.ReadImage(str(original)))), original.name
 
 
 @pytest.mark.slow

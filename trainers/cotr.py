@@ -34,9 +34,8 @@ import pydoc
 from typing import List, Sequence
 
 import numpy as np
-from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
-from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
+from nnunet_ext import compat
 from nnunet_ext.architectures.cotr import CoTr, deep_supervision_scales_for_strides
 from nnunet_ext.plans.cotr import COTR_CLASS_NAME
 from nnunet_ext.trainers.base import nnUNetExtTrainer
@@ -100,14 +99,12 @@ class CoTrTrainer(nnUNetExtTrainer):
     def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
                                    num_output_channels: int, enable_deep_supervision: bool = True):
         if names_cotr(configuration_manager):
-            return get_network_from_plans(configuration_manager.network_arch_class_name,
-                                          configuration_manager.network_arch_init_kwargs,
-                                          configuration_manager.network_arch_init_kwargs_req_import,
-                                          num_input_channels, num_output_channels, allow_init=True,
-                                          deep_supervision=enable_deep_supervision)
-        return get_network_from_plans(COTR_CLASS_NAME, cotr_arch_kwargs(configuration_manager), (),
-                                      num_input_channels, num_output_channels, allow_init=True,
-                                      deep_supervision=enable_deep_supervision)
+            return compat.network_from_plans(configuration_manager.network_arch_class_name,
+                                             configuration_manager.network_arch_init_kwargs,
+                                             configuration_manager.network_arch_init_kwargs_req_import,
+                                             num_input_channels, num_output_channels, enable_deep_supervision)
+        return compat.network_from_plans(COTR_CLASS_NAME, cotr_arch_kwargs(configuration_manager), (),
+                                         num_input_channels, num_output_channels, enable_deep_supervision)
 
     def _get_deep_supervision_scales(self):
         if not self.enable_deep_supervision:
@@ -118,5 +115,5 @@ class CoTrTrainer(nnUNetExtTrainer):
     def _build_loss(self):
         loss = super()._build_loss()  # nnU-Net's Dice+CE (regions, ignore label, batch dice) in its DS wrapper
         if self.enable_deep_supervision:
-            loss = DeepSupervisionWrapper(loss.loss, deep_supervision_weights(len(self._get_deep_supervision_scales())))
+            loss = compat.deep_supervision_loss(loss.loss, deep_supervision_weights(len(self._get_deep_supervision_scales())))
         return loss
