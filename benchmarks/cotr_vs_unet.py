@@ -7,13 +7,18 @@ as a ratio. Usage: ``python benchmarks/cotr_vs_unet.py [--patch 48 192 192] [--b
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import time
+import sys
+from pathlib import Path
 
 import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 
 from nnunet_ext.architectures.cotr import CoTr
+
+sys.path.insert(0, str(Path(__file__).parent))
+from step_timing import measure_training_step, memory_ratio  # noqa: E402
 
 
 def nnunet_default_unet(num_classes: int, strides) -> PlainConvUNet:
@@ -26,35 +31,6 @@ def nnunet_default_unet(num_classes: int, strides) -> PlainConvUNet:
                          torch.nn.LeakyReLU, {"inplace": True}, deep_supervision=True)
 
 
-def measure(network: torch.nn.Module, patch, batch: int, device: torch.device, steps: int) -> dict:
-    network = network.to(device).train()
-    optimiser = torch.optim.SGD(network.parameters(), lr=1e-2, momentum=0.99, nesterov=True)
-    x = torch.randn(batch, 1, *patch, device=device)
-    autocast = torch.autocast(device.type, enabled=device.type == "cuda")
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for step in range(steps + 1):  # first step is warm-up
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        with autocast:
-            outputs = network(x)
-            loss = sum(o.float().mean() for o in (outputs if isinstance(outputs, (list, tuple)) else [outputs]))
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if step:
-            times.append(time.perf_counter() - start)
-    result = {"seconds_per_step": sorted(times)[len(times) // 2],
-              "parameters": sum(p.numel() for p in network.parameters())}
-    if device.type == "cuda":
-        result["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1024 ** 3
-    return result
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--patch", type=int, nargs=3, default=[48, 192, 192])
@@ -65,14 +41,16 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     strides = [[1, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2]]
-    cotr = measure(CoTr(input_channels=1, num_classes=args.classes, patch_size=args.patch, strides=strides,
-                        deep_supervision=True), args.patch, args.batch, device, args.steps)
-    unet = measure(nnunet_default_unet(args.classes, strides), args.patch, args.batch, device, args.steps)
+    shape = (args.batch, 1, *args.patch)
+    cotr = measure_training_step(functools.partial(CoTr, input_channels=1, num_classes=args.classes,
+                                                   patch_size=args.patch, strides=strides, deep_supervision=True),
+                                 shape, str(device), args.steps)
+    unet = measure_training_step(functools.partial(nnunet_default_unet, args.classes, strides), shape, str(device),
+                                 args.steps)
     report = {"benchmark": "cotr_vs_plainconvunet", "device": str(device), "patch": args.patch, "batch": args.batch,
               "cotr": cotr, "plainconvunet": unet,
               "time_ratio_cotr_over_unet": cotr["seconds_per_step"] / unet["seconds_per_step"]}
-    if "peak_memory_gb" in cotr:
-        report["memory_ratio_cotr_over_unet"] = cotr["peak_memory_gb"] / unet["peak_memory_gb"]
+    report["memory_ratio_cotr_over_unet"] = memory_ratio(cotr, unet)
     print(json.dumps(report))
 
 
