@@ -69,6 +69,15 @@ def deep_supervision_loss(loss, weights):
     return DeepSupervisionWrapper(loss, weights)
 
 
+def dice_ce_loss(batch_dice: bool, ignore_label: int | None = None, ddp: bool = False):
+    """nnU-Net's softmax Dice + cross-entropy (no background in Dice), as its trainer builds it for labels."""
+    from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+    from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+
+    return DC_and_CE_loss({"batch_dice": batch_dice, "smooth": 1e-5, "do_bg": False, "ddp": ddp}, {},
+                          weight_ce=1, weight_dice=1, ignore_label=ignore_label, dice_class=MemoryEfficientSoftDiceLoss)
+
+
 def find_trainer_class(name: str):
     """nnU-Net's own trainer lookup (its tree, then ``nnUNet_extTrainer``), as the stock CLI does it."""
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name

@@ -53,6 +53,17 @@ METHODS: tuple[Method, ...] = (
                                "BCV: 1 input channel, 14 classes, patch 48x192x192"),),
         notes="CNN encoder + deformable transformer (DeTrans) + CNN decoder",
     ),
+    Method(
+        key="banet",
+        title="BA-Net",
+        paper="Hu et al., Boundary-Aware Network for Kidney Parsing (KiPA22) / abdominal multi-organ "
+              "segmentation (AMOS22), github.com/ShishuaiHu/BA-Net",
+        trainers=("nnunet_ext.trainers.banet:BANetTrainer",),
+        networks=(PaperNetwork("BANet", "nnunet_ext.architectures.banet:paper_banet", 48_400_000,
+                               "KiPA22: 1 input channel, 5 classes, nnU-Net 3d_fullres default topology for a "
+                               "128x128x128 patch"),),
+        notes="nnU-Net U-Net + boundary decoder; boundary probability modulates every segmentation decoder stage",
+    ),
 )
 
 

@@ -153,7 +153,10 @@ def check_pipeline_outputs(root: NnUNetRoot, result: PipelineResult, epochs: int
 
     dataset_json = json.loads((root.dataset_raw / "dataset.json").read_text())
     ending = dataset_json["file_ending"]
-    label_values = set(dataset_json["labels"].values())
+    labels = dataset_json["labels"]
+    has_regions = any(isinstance(v, (list, tuple)) for v in labels.values())
+    # region-based datasets: predictions carry the values of regions_class_order (nnU-Net's export)
+    label_values = {0, *dataset_json["regions_class_order"]} if has_regions else set(labels.values())
     references = sorted((root.dataset_raw / "labelsTs").glob(f"*{ending}"))
     assert references, "no test labels in the harness dataset"
     for reference in references:
@@ -167,7 +170,11 @@ def check_pipeline_outputs(root: NnUNetRoot, result: PipelineResult, epochs: int
 
     per_case = result.summary["metric_per_case"]
     assert len(per_case) == len(references)
-    foreground = {str(v) for v in label_values if v != 0}
-    assert foreground <= set(map(str, result.summary["mean"])), result.summary["mean"].keys()
+    if has_regions:
+        n_regions = sum(1 for name, value in labels.items() if value not in (0, [0]))
+        assert len(result.summary["mean"]) == n_regions, result.summary["mean"].keys()
+    else:
+        foreground = {str(v) for v in label_values if v != 0}
+        assert foreground <= set(map(str, result.summary["mean"])), result.summary["mean"].keys()
     for metrics in result.summary["mean"].values():
         assert 0.0 <= metrics["Dice"] <= 1.0 or np.isnan(metrics["Dice"])

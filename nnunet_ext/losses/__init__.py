@@ -1,0 +1,1 @@
+"""Losses shared by method trainers (boundary targets and losses, partial-label, consistency)."""
