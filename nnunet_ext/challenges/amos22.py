@@ -1,0 +1,107 @@
+"""AMOS22 (abdominal multi-organ segmentation, MICCAI 2022) -> nnU-Net v2 raw dataset.
+
+Release layout (zenodo record of amos22): ``dataset.json`` with "training", "validation" and "test"
+lists of ``{"image": "./imagesTr/amos_0001.nii.gz", "label": "./labelsTr/amos_0001.nii.gz"}`` and
+"labels" ``{"0": "background", "1": "spleen", ..., "15": "prostate/uterus"}``; folders imagesTr,
+labelsTr, imagesVa, labelsVa (later release), imagesTs. Case ids <= 500 are CT, > 500 MRI.
+
+Task 1 is CT only, task 2 CT and MRI. Labels are taken from the release's json. For task 2 the one
+channel holds CT or MRI, so it is not named "CT": nnU-Net would apply its CT (Hounsfield-window)
+normalisation to MRI as well; any other name gives per-image z-scoring (nnU-Net's own AMOS task-2
+conversion does the same). Validation cases go to training with ``--include-validation``; otherwise
+to imagesTs/labelsTs, where they can be predicted and evaluated. Test cases go to imagesTs.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from nnunet_ext.challenges.common import CaseSource, ConversionPlan
+from nnunet_ext.errors import UserFacingError
+
+CHALLENGE = "amos22"
+CASE_PATTERN = re.compile(r"^amos_\d{4}$")
+MAX_CT_ID = 500
+NUM_LABELS = 16  # background + 15 organs
+
+
+def default_name(task: int) -> str:
+    return f"AMOS22Task{task}"
+
+
+def case_id_of(path: str) -> str:
+    """``./imagesTr/amos_0001.nii.gz`` -> ``amos_0001``."""
+    name = Path(path).name
+    return name[: -len(".nii.gz")] if name.endswith(".nii.gz") else Path(name).stem
+
+
+def is_ct(case_id: str) -> bool:
+    return int(case_id.split("_")[1]) <= MAX_CT_ID
+
+
+def _entries(release: dict, key: str) -> list[dict]:
+    """Entries of a split as dicts (MSD-style jsons list test images as plain strings)."""
+    return [entry if isinstance(entry, dict) else {"image": entry} for entry in release.get(key) or []]
+
+
+def _labels(release: dict, path: Path) -> dict[str, int]:
+    try:
+        labels = {str(name): int(value) for value, name in release["labels"].items()}
+    except (KeyError, ValueError, AttributeError):
+        raise UserFacingError(f"{path}: 'labels' must map label values to names, e.g. "
+                              f"{{\"0\": \"background\", \"1\": \"spleen\"}}.") from None
+    if sorted(labels.values()) != list(range(len(labels))) or labels.get("background", -1) != 0:
+        raise UserFacingError(f"{path}: expected labels 0..N with 0 = background, got {release['labels']}.")
+    return labels
+
+
+def plan(src: str | Path, task: int = 2, include_validation: bool = False) -> ConversionPlan:
+    """List the cases of the release selected by ``task`` (1: CT, 2: CT+MRI)."""
+    if task not in (1, 2):
+        raise UserFacingError(f"--task must be 1 (CT only) or 2 (CT and MRI), got {task}.")
+    src = Path(src).resolve()
+    json_path = src / "dataset.json"
+    if not json_path.is_file() or not (src / "imagesTr").is_dir():
+        raise UserFacingError(f"{src} does not look like the AMOS22 release: expected dataset.json and imagesTr/ "
+                              f"(with labelsTr/, imagesVa/, imagesTs/) in it. Pass the unpacked amos22/ folder.")
+    try:
+        release = json.loads(json_path.read_text())
+    except ValueError as error:
+        raise UserFacingError(f"{json_path} is not valid JSON ({error}).") from None
+    if "training" not in release:
+        raise UserFacingError(f"{json_path} has no 'training' list; is this the AMOS22 release's dataset.json?")
+    labels = _labels(release, json_path)
+    if include_validation and _entries(release, "validation") and not (src / "labelsVa").is_dir():
+        raise UserFacingError(f"--include-validation needs the validation labels in {src / 'labelsVa'}, which the "
+                              f"first AMOS22 release did not contain. Download the release with labelsVa, or leave "
+                              f"out --include-validation.")
+    selections = [("training", "Tr", True), ("validation", "Tr" if include_validation else "Ts", True),
+                  ("test", "Ts", False)]
+    cases, problems = [], []
+    for key, split, labelled in selections:
+        for entry in _entries(release, key):
+            case_id = case_id_of(entry["image"])
+            if not CASE_PATTERN.match(case_id):
+                problems.append((case_id, f"{json_path}: unexpected image name {entry['image']!r}"))
+                continue
+            if task == 1 and not is_ct(case_id):
+                continue
+            image = src / entry["image"]
+            label = src / entry["label"] if labelled and entry.get("label") else None
+            missing = [str(p) for p in (image, label) if p is not None and not p.is_file()]
+            if missing:
+                problems.append((case_id, "missing " + ", ".join(missing)))
+                continue
+            cases.append(CaseSource(case_id, (str(image),), str(label) if label else None, split))
+    dataset_json = {
+        "name": default_name(task),
+        "description": f"AMOS22 task {task} ({'CT' if task == 1 else 'CT and MRI'}) converted by nnunet-ext"
+                       + (", validation cases in training" if include_validation else ""),
+        "reference": "https://amos22.grand-challenge.org/",
+        "licence": "CC BY 4.0",
+        "channel_names": {"0": "CT" if task == 1 else "either_CT_or_MR"},
+        "labels": labels,
+    }
+    identity = {"challenge": CHALLENGE, "task": task, "include_validation": include_validation}
+    return ConversionPlan(CHALLENGE, identity, dataset_json, frozenset(labels.values()), cases, problems, str(src))
