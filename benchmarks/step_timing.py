@@ -19,11 +19,17 @@ def _peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2  # kB on Linux
 
 
-def _measure_here(build: Callable[[], torch.nn.Module], input_shape, device: str, steps: int) -> dict:
+def _mean_of_outputs(outputs, x) -> torch.Tensor:
+    return sum(o.float().mean() for o in (outputs if isinstance(outputs, (list, tuple)) else [outputs]))
+
+
+def _measure_here(build: Callable[[], torch.nn.Module], input_shape, device: str, steps: int,
+                  make_loss: Callable | None = None) -> dict:
     device = torch.device(device)
     network = build().to(device).train()
     optimiser = torch.optim.SGD(network.parameters(), lr=1e-2, momentum=0.99, nesterov=True)
     x = torch.randn(*input_shape, device=device)
+    loss_fn = make_loss() if make_loss is not None else _mean_of_outputs
     autocast = torch.autocast(device.type, enabled=device.type == "cuda")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -35,7 +41,7 @@ def _measure_here(build: Callable[[], torch.nn.Module], input_shape, device: str
         start = time.perf_counter()
         with autocast:
             outputs = network(x)
-            loss = sum(o.float().mean() for o in (outputs if isinstance(outputs, (list, tuple)) else [outputs]))
+            loss = loss_fn(outputs, x)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
@@ -52,21 +58,22 @@ def _measure_here(build: Callable[[], torch.nn.Module], input_shape, device: str
     return result
 
 
-def _child(queue, build, input_shape, device, steps):
-    queue.put(_measure_here(build, input_shape, device, steps))
+def _child(queue, build, input_shape, device, steps, make_loss):
+    queue.put(_measure_here(build, input_shape, device, steps, make_loss))
 
 
 def measure_training_step(build: Callable[[], torch.nn.Module], input_shape, device: str = "cpu",
-                          steps: int = 5) -> dict:
+                          steps: int = 5, make_loss: Callable | None = None) -> dict:
     """Median seconds per training step, parameter count and peak memory of ``build()``.
 
-    ``build`` must be picklable (a module-level function or ``functools.partial``) for CPU runs.
+    ``make_loss()`` returns ``loss(outputs, x)`` (default: the mean of all outputs). ``build`` and
+    ``make_loss`` must be picklable (module-level functions or ``functools.partial``) for CPU runs.
     """
     if torch.device(device).type == "cuda":
-        return _measure_here(build, input_shape, device, steps)
+        return _measure_here(build, input_shape, device, steps, make_loss)
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    process = context.Process(target=_child, args=(queue, build, tuple(input_shape), device, steps))
+    process = context.Process(target=_child, args=(queue, build, tuple(input_shape), device, steps, make_loss))
     process.start()
     result = queue.get()
     process.join()
