@@ -5,10 +5,10 @@ import argparse
 import sys
 
 from nnunet_ext import __version__
-from nnunet_ext.cli import convert, demo, doctor, env, list_command, plan, submit
+from nnunet_ext.cli import convert, demo, doctor, env, list_command, merge, plan, submit
 from nnunet_ext.errors import UserFacingError
 
-SUBCOMMANDS = (list_command, doctor, env, demo, plan, convert, submit)
+SUBCOMMANDS = (list_command, doctor, env, demo, plan, merge, convert, submit)
 
 
 def build_parser() -> argparse.ArgumentParser:
