@@ -216,3 +216,164 @@ def nnunet_planner_names() -> list[str]:
         names.update(name for name, obj in inspect.getmembers(module, inspect.isclass)
                      if issubclass(obj, base))
     return sorted(names)
+
+
+# --- unlabelled data (nnunet_ext.unlabeled, trainers/semi_supervised.py) ---------------------------
+
+def plans_and_configuration(plans: dict, configuration: str):
+    """(PlansManager, ConfigurationManager) for a plans dict; an unknown configuration raises KeyError
+    listing the ones the plans have."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    manager = PlansManager(plans)
+    if configuration not in manager.available_configurations:
+        raise KeyError(f"configuration {configuration!r} is not in the plans; they have "
+                       f"{list(manager.available_configurations)}")
+    return manager, manager.get_configuration(configuration)
+
+
+def plans_preprocessor(configuration_manager, verbose: bool = False):
+    """An instance of the preprocessor class the plans name (``preprocessor_name``), as nnU-Net's
+    ``nnUNetv2_preprocess`` creates it."""
+    preprocessor = configuration_manager.preprocessor_class(verbose=verbose)
+    preprocessor.show_progress_bar = False
+    return preprocessor
+
+
+def preprocess_case_and_save(preprocessor, output_filename_truncated: str, image_files: Sequence[str],
+                             plans_manager, configuration_manager, dataset_json: dict) -> None:
+    """nnU-Net's per-case preprocessing + storage (``run_case_save``) for a case without a label file:
+    same transpose, crop, normalisation and resampling as a training case, written in the format the
+    plans' preprocessor writes (blosc2 in 2.8). The segmentation it stores is nnU-Net's nonzero mask
+    (-1 outside, 0 inside), not a label map; the properties have no ``class_locations``."""
+    preprocessor.run_case_save(output_filename_truncated, list(image_files), None, plans_manager,
+                               configuration_manager, dataset_json)
+
+
+def dataset_class_of_folder(folder: str | os.PathLike):
+    """nnU-Net's dataset class (blosc2 or npz) for a preprocessed folder, from its file endings."""
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+    return infer_dataset_class(os.fspath(folder))
+
+
+def nnunet_base_dataset_class():
+    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetBaseDataset
+
+    return nnUNetBaseDataset
+
+
+def load_case_properties(path: str | os.PathLike) -> dict:
+    """A preprocessed case's ``.pkl`` (nnU-Net stores properties with pickle)."""
+    from batchgenerators.utilities.file_and_folder_operations import load_pickle
+
+    return load_pickle(os.fspath(path))
+
+
+def save_case_properties(properties: dict, path: str | os.PathLike) -> None:
+    from batchgenerators.utilities.file_and_folder_operations import write_pickle
+
+    write_pickle(properties, os.fspath(path))
+
+
+def nnunet_data_loader_class():
+    """nnU-Net's patch sampler (``nnUNetDataLoader``): crops, foreground oversampling, per-sample transforms."""
+    from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+
+    return nnUNetDataLoader
+
+
+def trainer_data_transforms(trainer) -> tuple[Any, Any, tuple[int, ...]]:
+    """(training transforms, validation transforms, initial patch size) exactly as nnU-Net's
+    ``nnUNetTrainer.get_dataloaders`` builds them, through the trainer's own overridable hooks
+    (``configure_rotation_dummyDA_mirroring_and_inital_patch_size``, ``get_training_transforms``,
+    ``get_validation_transforms``), so a trainer that changes its augmentation changes both streams."""
+    deep_supervision_scales = trainer._get_deep_supervision_scales()
+    rotation, dummy_2d, initial_patch_size, mirror_axes = \
+        trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+    labels = trainer.label_manager
+    regions = labels.foreground_regions if labels.has_regions else None
+    train = trainer.get_training_transforms(
+        trainer.configuration_manager.patch_size, rotation, deep_supervision_scales, mirror_axes, dummy_2d,
+        use_mask_for_norm=trainer.configuration_manager.use_mask_for_norm, is_cascaded=trainer.is_cascaded,
+        foreground_labels=labels.foreground_labels, regions=regions, ignore_label=labels.ignore_label)
+    validation = trainer.get_validation_transforms(deep_supervision_scales, is_cascaded=trainer.is_cascaded,
+                                                   foreground_labels=labels.foreground_labels, regions=regions,
+                                                   ignore_label=labels.ignore_label)
+    return train, validation, tuple(int(i) for i in initial_patch_size)
+
+
+def augmentation_processes() -> int:
+    """nnU-Net's number of augmentation workers per GPU (``nnUNet_n_proc_DA`` or its host table)."""
+    from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
+
+    return get_allowed_n_proc_DA()
+
+
+def background_augmenter(loader, num_processes: int, num_cached: int, pin_memory: bool):
+    """The augmenter nnU-Net's trainer wraps a loader in: single-threaded for 0 processes, else
+    batchgenerators' NonDetMultiThreadedAugmenter (transforms already run inside the loader)."""
+    from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
+    from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
+
+    if num_processes == 0:
+        return SingleThreadedAugmenter(loader, None)
+    return NonDetMultiThreadedAugmenter(data_loader=loader, transform=None, num_processes=num_processes,
+                                        num_cached=num_cached, seeds=None, pin_memory=pin_memory, wait_time=0.002)
+
+
+def finish_augmenter(augmenter) -> None:
+    """Stop an augmenter's worker processes (nnU-Net does this in ``on_train_end``)."""
+    finish = getattr(augmenter, "_finish", None)
+    if finish is not None:
+        finish()
+
+
+def distributed_world() -> tuple[int, int]:
+    """(world size, rank) under nnU-Net's DDP training, (1, 0) otherwise."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def training_autocast(device):
+    """The mixed-precision context nnU-Net's ``train_step`` uses: autocast on CUDA, nothing elsewhere."""
+    from torch import autocast
+    from nnunetv2.utilities.helpers import dummy_context
+
+    return autocast(device.type, enabled=True) if device.type == "cuda" else dummy_context()
+
+
+# --- multi-task data (nnunet_ext.tasks, trainers/universal.py) ----------------------------------
+
+def case_metrics(reference_file: str, prediction_file: str, reader_writer, labels: Sequence[int],
+                 ignore_label: int | None = None) -> dict:
+    """nnU-Net's per-case metrics (Dice, IoU, TP/FP/FN, ...) for the given labels."""
+    from nnunetv2.evaluation.evaluate_predictions import compute_metrics
+
+    return compute_metrics(reference_file, prediction_file, reader_writer, list(labels), ignore_label)
+
+
+def save_summary(summary: dict, path: str | os.PathLike) -> None:
+    """Write a summary.json in nnU-Net's format (what find_best_configuration reads)."""
+    from copy import deepcopy
+
+    from nnunetv2.evaluation.evaluate_predictions import save_summary_json
+    from nnunetv2.utilities.json_export import recursive_fix_for_json_export
+
+    summary = deepcopy(summary)
+    recursive_fix_for_json_export(summary)  # numpy scalars from the per-case metrics
+    save_summary_json(summary, os.fspath(path))
+
+
+def predictor(tile_step_size: float = 0.5, use_mirroring: bool = True, device=None, verbose: bool = False):
+    """nnU-Net's sliding-window predictor, configured as ``nnUNetv2_predict`` configures it."""
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    return nnUNetPredictor(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=use_mirroring,
+                           perform_everything_on_device=(device or torch.device("cpu")).type == "cuda",
+                           device=device or torch.device("cpu"), verbose=verbose, verbose_preprocessing=False,
+                           allow_tqdm=True)

@@ -38,6 +38,7 @@ class DemoSettings:
     num_test: int = 3
     shape: tuple[int, int, int] = (16, 48, 48)  # small enough for a few hundred CPU iterations in minutes
     seed: int = 0
+    num_unlabeled: int = 10  # imagesUnlabeled cases, written only for trainers with uses_unlabeled_data
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,16 @@ def check_trainer_name(name: str) -> None:
         raise UserFacingError(unknown_name_message("trainer", name, list(trainer_paths()))) from None
 
 
+def trainer_uses_unlabeled_data(name: str) -> bool:
+    """True for semi-supervised trainers (class attribute ``uses_unlabeled_data``, e.g. subclasses of
+    ``nnUNetSemiSupervisedTrainer``): the demo then adds imagesUnlabeled and preprocesses it."""
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return bool(getattr(compat.find_trainer_class(name), "uses_unlabeled_data", False))
+
+
 def run_demo(settings: DemoSettings) -> DemoResult:
     from nnunet_ext.datasets.synthetic import SyntheticSpec, write_synthetic_dataset
 
@@ -148,6 +159,7 @@ def run_demo(settings: DemoSettings) -> DemoResult:
           f"iterations, work folder {workdir}")
     with demo_environment(workdir, settings) as env:
         check_trainer_name(settings.trainer)
+        semi_supervised = trainer_uses_unlabeled_data(settings.trainer)
         device = pick_device()
         processes = max(1, min(4, os.cpu_count() or 1))
 
@@ -155,12 +167,22 @@ def run_demo(settings: DemoSettings) -> DemoResult:
         spec = SyntheticSpec(num_training=settings.num_training, num_test=settings.num_test,
                              shape=settings.shape, seed=settings.seed)
         raw = write_synthetic_dataset(env["nnUNet_raw"], DEMO_DATASET_ID, DEMO_DATASET_NAME, spec)
+        if semi_supervised:
+            from nnunet_ext.datasets.unlabeled import write_unlabeled_images
+
+            unlabeled = write_unlabeled_images(env["nnUNet_raw"], DEMO_DATASET_ID, DEMO_DATASET_NAME, spec,
+                                               settings.num_unlabeled)
+            print(f"{settings.trainer} is semi-supervised: {settings.num_unlabeled} unlabelled images in {unlabeled}")
 
         planner = planner_for(device)
         step(f"Planning and preprocessing (nnU-Net fingerprint, {planner.__name__}, preprocessing)")
         compat.extract_fingerprint(DEMO_DATASET_ID, processes, check_integrity=True, overwrite=True)
         plans = compat.plan_dataset(DEMO_DATASET_ID, planner)
         compat.preprocess(DEMO_DATASET_ID, plans, [DEMO_CONFIGURATION], processes)
+        if semi_supervised:
+            from nnunet_ext.unlabeled.preprocess import preprocess_unlabeled
+
+            preprocess_unlabeled(DEMO_DATASET_ID, [DEMO_CONFIGURATION], plans, num_processes=1)
 
         step(f"Training fold 0 with {settings.trainer} on {device.type}")
         compat.train(DEMO_DATASET_ID, DEMO_CONFIGURATION, 0, settings.trainer, plans, device)

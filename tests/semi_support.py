@@ -1,0 +1,87 @@
+"""Shared set-up of the unlabelled-data tests: one nnU-Net root with imagesUnlabeled, made once per session.
+
+Used by test_unlabeled_preprocess.py, test_label_budget.py and test_two_stream_loader.py (imported
+as a plain module; a cache makes the three files share one root, so the stock planning and
+preprocessing run once).
+
+The results folder is shared too, and a fold trained with a label budget refuses another budget
+(by design), so the folds are split between the files: test_label_budget uses folds 1-3,
+test_two_stream_loader folds 4 (budget 2, in-process) and 0 (budget 2, stock CLI).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from nnunet_ext import compat
+from nnunet_ext.datasets.unlabeled import write_unlabeled_images
+from nnunet_ext.testing.harness import HARNESS_SPEC, NnUNetRoot, make_nnunet_root, plan_and_preprocess
+from nnunet_ext.unlabeled.preprocess import preprocess_unlabeled
+
+SEMI_DATASET_ID = 993
+SEMI_DATASET_NAME = "HarnessSemi"
+NUM_GENERATED_UNLABELED = 3
+COPIED_CASE = "synth_000"  # a labelled training image, also put into imagesUnlabeled under another name
+COPY_NAME = "copy_of_synth_000"
+TRAINER = "SemiSupervisedTestTrainer"
+TRAINER_FOLDER = str(Path(__file__).parent / "semi_trainers")
+_ROOTS: dict[str, NnUNetRoot] = {}
+
+
+def semi_root(tmp_path_factory) -> NnUNetRoot:
+    """Harness dataset + 3 generated unlabelled images + a copy of synth_000; planned and preprocessed with
+    the stock CLI, unlabelled images preprocessed in-process (the CLI itself is tested separately)."""
+    key = str(tmp_path_factory.getbasetemp())
+    if key not in _ROOTS:
+        root = make_nnunet_root(tmp_path_factory.mktemp("semi_root"), SEMI_DATASET_ID, SEMI_DATASET_NAME)
+        images = write_unlabeled_images(root.raw, SEMI_DATASET_ID, SEMI_DATASET_NAME, HARNESS_SPEC,
+                                        NUM_GENERATED_UNLABELED)
+        for channel in range(HARNESS_SPEC.num_channels):
+            shutil.copyfile(root.dataset_raw / "imagesTr" / f"{COPIED_CASE}_{channel:04d}.nii.gz",
+                            images / f"{COPY_NAME}_{channel:04d}.nii.gz")
+        plan_and_preprocess(root)
+        with nnunet_environment(root):
+            preprocess_unlabeled(SEMI_DATASET_ID, ["3d_fullres"], num_processes=1)
+        _ROOTS[key] = root
+    return _ROOTS[key]
+
+
+def unlabeled_cases() -> set[str]:
+    return {f"synth_u{i:03d}" for i in range(NUM_GENERATED_UNLABELED)} | {COPY_NAME}
+
+
+@contextlib.contextmanager
+def nnunet_environment(root: NnUNetRoot, **extra: str):
+    """The root's nnU-Net variables for in-process calls (nnU-Net 2.8 reads them when used)."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in root.env(**extra).items():
+            if name.startswith(("nnUNet", "NNUNET_EXT")):
+                patch.setenv(name, value)
+        for name in ("NNUNET_EXT_LABEL_BUDGET", "NNUNET_EXT_LABEL_BUDGET_SEED"):
+            if name not in extra:
+                patch.delenv(name, raising=False)
+        yield patch
+
+
+def make_trainer(root: NnUNetRoot, cls, fold: int = 0, continue_training: bool = False):
+    """A trainer as nnUNetv2_train creates it, on the CPU (call inside ``nnunet_environment``)."""
+    folder = root.preprocessed / root.dataset_name
+    plans = json.loads((folder / "nnUNetPlans.json").read_text())
+    dataset_json = json.loads((folder / "dataset.json").read_text())
+    return compat.instantiate_trainer(cls, plans, "3d_fullres", fold, dataset_json, torch.device("cpu"),
+                                      continue_training=continue_training)
+
+
+def import_test_trainer():
+    """The class in tests/semi_trainers (the same file nnU-Net's lookup finds in the CLI tests)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("semi_test_trainer", Path(TRAINER_FOLDER) / "semi_test_trainer.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.SemiSupervisedTestTrainer
