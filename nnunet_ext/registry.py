@@ -54,6 +54,14 @@ METHODS: tuple[Method, ...] = (
         notes="CNN encoder + deformable transformer (DeTrans) + CNN decoder",
     ),
     Method(
+        key="universal",
+        title="Universal (multi-dataset) nnU-Net",
+        paper="nnU-Net trained on several partially labelled datasets merged with `nnunet-ext merge`: "
+              "task-aware batches and partial-label loss (the data layer of UniSeg and DoDNet)",
+        trainers=("nnunet_ext.trainers.universal:nnUNetUniversalTrainer",),
+        notes="baseline for the universal methods; predict with `nnunet-ext predict --task NAME`",
+    ),
+    Method(
         key="banet",
         title="BA-Net",
         paper="Hu et al., Boundary-Aware Network for Kidney Parsing (KiPA22) / abdominal multi-organ "
@@ -63,6 +71,18 @@ METHODS: tuple[Method, ...] = (
                                "KiPA22: 1 input channel, 5 classes, nnU-Net 3d_fullres default topology for a "
                                "128x128x128 patch"),),
         notes="nnU-Net U-Net + boundary decoder; boundary probability modulates every segmentation decoder stage",
+    ),
+    Method(
+        key="uniseg",
+        title="UniSeg",
+        paper="Ye et al., UniSeg: A Prompt-driven Universal Segmentation Model as well as A Strong Representation "
+              "Learner, MICCAI 2023",
+        trainers=("nnunet_ext.trainers.uniseg:UniSegTrainer",),
+        networks=(PaperNetwork("UniSeg", "nnunet_ext.architectures.uniseg:paper_uniseg", 32_114_381,
+                               "11 tasks (1, 2 or 4 input channels), 4-channel shared head, patch 64x192x192"),),
+        notes="nnU-Net U-Net with one input conv per channel count and a learned universal prompt fused with the "
+              "bottleneck (FUSE); the task's prompt channel conditions the decoder; predict with "
+              "`nnunet-ext predict --task NAME`",
     ),
 )
 

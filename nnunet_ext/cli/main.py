@@ -5,10 +5,10 @@ import argparse
 import sys
 
 from nnunet_ext import __version__
-from nnunet_ext.cli import convert, demo, doctor, env, list_command, merge, plan, preprocess_unlabeled, submit
+from nnunet_ext.cli import convert, demo, doctor, env, list_command, merge, plan, predict, preprocess_unlabeled, submit
 from nnunet_ext.errors import UserFacingError
 
-SUBCOMMANDS = (list_command, doctor, env, demo, plan, merge, preprocess_unlabeled, convert, submit)
+SUBCOMMANDS = (list_command, doctor, env, demo, plan, merge, predict, preprocess_unlabeled, convert, submit)
 
 
 def build_parser() -> argparse.ArgumentParser:

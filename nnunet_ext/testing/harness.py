@@ -69,6 +69,23 @@ class NnUNetRoot:
         return env
 
 
+UNIVERSAL_DATASET_ID = 974
+UNIVERSAL_DATASET_NAME = "Universal"
+
+
+def make_universal_root(base: str | os.PathLike, dataset_id: int = UNIVERSAL_DATASET_ID) -> NnUNetRoot:
+    """A root holding the synthetic partially labelled family (1, 2 and 4 channels) and its merge."""
+    from nnunet_ext.datasets.multi_dataset import DEFAULT_DATASET_IDS, write_multi_dataset
+    from nnunet_ext.tasks.merge import merge_datasets
+
+    root = NnUNetRoot(Path(base), dataset_id, dataset_folder_name(dataset_id, UNIVERSAL_DATASET_NAME))
+    for folder in (root.raw, root.preprocessed, root.results):
+        folder.mkdir(parents=True, exist_ok=True)
+    write_multi_dataset(root.raw)
+    merge_datasets(root.raw, list(DEFAULT_DATASET_IDS), dataset_id, UNIVERSAL_DATASET_NAME)
+    return root
+
+
 def make_nnunet_root(base: str | os.PathLike, dataset_id: int = HARNESS_DATASET_ID,
                      name: str = HARNESS_DATASET_NAME, spec: SyntheticSpec = HARNESS_SPEC) -> NnUNetRoot:
     root = NnUNetRoot(Path(base), dataset_id, dataset_folder_name(dataset_id, name))

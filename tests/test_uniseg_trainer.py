@@ -1,0 +1,104 @@
+"""UniSegTrainer: schedule, network from the merged dataset's plans, stock training, task-aware
+predict, and the prompt coming back from the checkpoint."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from nnunet_ext import compat
+from nnunet_ext.architectures.uniseg import UniSeg
+from nnunet_ext.datasets.multi_dataset import DEFAULT_DATASET_IDS, DEFAULT_SOURCES
+from nnunet_ext.tasks.task_map import TaskMap
+from nnunet_ext.testing.harness import NnUNetRoot, run_stock
+from nnunet_ext.trainers.uniseg import ITERATIONS_PER_TASK, UniSegTrainer
+from nnunet_ext.trainers.universal import TASKS_PLANS_KEY
+
+TRAINER = "UniSegTrainer"
+
+
+def _trainer(root: NnUNetRoot, monkeypatch, results) -> UniSegTrainer:
+    for variable, folder in [("nnUNet_raw", root.raw), ("nnUNet_preprocessed", root.preprocessed),
+                             ("nnUNet_results", results)]:
+        monkeypatch.setenv(variable, str(folder))
+    plans = json.loads((root.preprocessed / root.dataset_name / "nnUNetPlans.json").read_text())
+    dataset_json = json.loads((root.preprocessed / root.dataset_name / "dataset.json").read_text())
+    return compat.instantiate_trainer(UniSegTrainer, plans, "3d_fullres", 0, dataset_json, torch.device("cpu"))
+
+
+def test_schedule_is_the_official_one(universal_root, tmp_path, monkeypatch):
+    trainer = _trainer(universal_root, monkeypatch, tmp_path)
+    assert trainer.task_weighting == "uniform"
+    assert trainer.num_iterations_per_epoch == ITERATIONS_PER_TASK * 3 and trainer.num_epochs == 1000
+    trainer.network = UniSegTrainer.build_network_architecture(
+        trainer.plans_manager, trainer.configuration_manager, 4, trainer.label_manager.num_segmentation_heads, True)
+    optimizer, scheduler = trainer.configure_optimizers()
+    group = optimizer.param_groups[0]
+    assert isinstance(optimizer, torch.optim.SGD)
+    assert (group["lr"], group["momentum"], group["nesterov"], group["weight_decay"]) == (1e-2, 0.99, True, 3e-5)
+    assert type(scheduler).__name__ == "PolyLRScheduler" and scheduler.exponent == 0.9
+
+
+def test_network_follows_the_merged_plans(universal_root, tmp_path, monkeypatch):
+    trainer = _trainer(universal_root, monkeypatch, tmp_path)
+    heads = trainer.label_manager.num_segmentation_heads
+    network = UniSegTrainer.build_network_architecture(trainer.plans_manager, trainer.configuration_manager, 4,
+                                                       heads, True)
+    assert isinstance(network, UniSeg)
+    config = trainer.configuration_manager
+    patch = tuple(config.patch_size)
+    strides = np.prod(np.array(config.network_arch_init_kwargs["strides"]), axis=0)
+    assert tuple(network.prompt.shape) == (1, 3, *(p // s for p, s in zip(patch, strides)))
+    task_map = TaskMap.from_dict(trainer.plans_manager.plans[TASKS_PLANS_KEY])
+    outputs_by_task = []
+    for task in task_map:
+        network.set_task(task.task_id)
+        outputs = network(torch.randn(1, 4, *patch))
+        assert len(outputs) == len(trainer._get_deep_supervision_scales())
+        assert tuple(outputs[0].shape) == (1, heads, *patch)
+        outputs_by_task.append(outputs[0].detach())
+    assert not torch.allclose(outputs_by_task[0], outputs_by_task[1])  # the prompt conditions the output
+    loss = trainer._build_loss()
+    expected = np.array([1 / 2 ** i for i in range(len(loss.weight_factors))])
+    expected[-1] = 0  # nnU-Net's weights: official UniSeg [1, .5, .25, .125, 0], normalised
+    assert np.allclose(loss.weight_factors, expected / expected.sum())
+
+
+@pytest.fixture(scope="module")
+def uniseg_model(universal_root):
+    env = universal_root.env(epochs=1, iterations=2)
+    run_stock(["nnUNetv2_train", universal_root.dataset_id, "3d_fullres", 0, "-tr", TRAINER, "-device", "cpu"], env)
+    return universal_root.results / universal_root.dataset_name / f"{TRAINER}__nnUNetPlans__3d_fullres"
+
+
+def test_stock_training_and_task_aware_prediction(universal_root, uniseg_model, tmp_path):
+    checkpoint = compat.read_checkpoint(uniseg_model / "fold_0" / "checkpoint_final.pth")
+    assert "prompt" in checkpoint["network_weights"]
+    assert "task_map" in checkpoint["nnunet_ext_state"]
+    assert (uniseg_model / "fold_0" / "validation" / "summary_per_task.json").is_file()
+    source = DEFAULT_SOURCES[1]  # 2 channels, liver + spleen + lesion
+    source_folder = next(universal_root.raw.glob(f"Dataset{DEFAULT_DATASET_IDS[1]:03d}_*"))
+    output = tmp_path / "pred"
+    run_stock(["nnunet-ext", "predict", "--task", source.name, "-i", source_folder / "imagesTs", "-o", output,
+               "-d", universal_root.dataset_id, "-f", 0, "-tr", TRAINER, "-device", "cpu", "-npp", 1, "-nps", 1],
+              universal_root.env())
+    labels = set(json.loads((source_folder / "dataset.json").read_text())["labels"].values())
+    for reference in sorted((source_folder / "labelsTs").glob("*.nii.gz")):
+        predicted = sitk.GetArrayFromImage(sitk.ReadImage(str(output / reference.name)))
+        assert predicted.shape == sitk.GetArrayFromImage(sitk.ReadImage(str(reference))).shape
+        assert set(np.unique(predicted).tolist()) <= labels
+
+
+def test_resume_restores_the_prompt_and_task_map(universal_root, uniseg_model, tmp_path, monkeypatch):
+    saved = compat.read_checkpoint(uniseg_model / "fold_0" / "checkpoint_final.pth")
+    trainer = _trainer(universal_root, monkeypatch, universal_root.results)
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
+    trainer.initialize()
+    assert not torch.equal(trainer.network.prompt.detach(), saved["network_weights"]["prompt"])  # fresh init
+    trainer.load_checkpoint(str(uniseg_model / "fold_0" / "checkpoint_final.pth"))
+    assert torch.equal(trainer.network.prompt.detach(), saved["network_weights"]["prompt"])
+    assert trainer.current_epoch == saved["current_epoch"] == 1
+    assert trainer.task_map == TaskMap.from_dict(saved["nnunet_ext_state"]["task_map"])
