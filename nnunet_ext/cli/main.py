@@ -5,10 +5,13 @@ import argparse
 import sys
 
 from nnunet_ext import __version__
-from nnunet_ext.cli import convert, demo, doctor, env, list_command, merge, plan, predict, preprocess_unlabeled, submit
+from nnunet_ext.cli import convert, demo, doctor, env, list_command, plan, submit
+from nnunet_ext.cli import preprocess_unlabeled
+from nnunet_ext.cli import merge, predict
+from nnunet_ext.cli import slurm
 from nnunet_ext.errors import UserFacingError
 
-SUBCOMMANDS = (list_command, doctor, env, demo, plan, merge, predict, preprocess_unlabeled, convert, submit)
+SUBCOMMANDS = (list_command, doctor, env, demo, plan, convert, submit, preprocess_unlabeled, merge, predict, slurm)
 
 
 def build_parser() -> argparse.ArgumentParser:
