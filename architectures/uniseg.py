@@ -166,7 +166,13 @@ class UniSeg(AbstractDynamicNetworkArchitectures, TaskConditioning):
             raise ValueError(f"{type(self).__name__} expects the merged dataset's {self.input_channels} input "
                              f"channels (tasks with fewer are zero-padded), got {x.shape[1]}")
         n_channels = int(self._input_key)
-        skips = self.encoder(self.input_convs[self._input_key](x[:, :n_channels]))
+        stem = self.input_convs[self._input_key](x[:, :n_channels])
+        if self.training and len(self.input_convs) > 1:
+            # Under nnU-Net's DDP (no find_unused_parameters) every parameter must take part in each
+            # step; the other channel counts' input convs join the graph with weight zero.
+            stem = stem + 0.0 * sum(p.sum() for key, conv in self.input_convs.items() if key != self._input_key
+                                    for p in conv.parameters())
+        skips = self.encoder(stem)
         bottleneck = skips[-1]
         if tuple(bottleneck.shape[2:]) != self.bottleneck_size:
             raise ValueError(f"bottleneck of size {tuple(bottleneck.shape[2:])} does not match the prompt's "

@@ -163,6 +163,16 @@ def run_demo(settings: DemoSettings) -> DemoResult:
         device = pick_device()
         processes = max(1, min(4, os.cpu_count() or 1))
 
+        from nnunet_ext.demo_universal import run_universal_demo, trainer_is_universal
+
+        if trainer_is_universal(settings.trainer):
+            step.total = 5
+            dice, summary_json, figure, model, predictions = run_universal_demo(
+                settings, workdir, env, step, device, planner_for(device), processes)
+            result = DemoResult(workdir, dice, summary_json, figure, model / "fold_0" / "progress.png", predictions)
+            print_report(result)
+            return result
+
         step("Writing the built-in synthetic dataset")
         spec = SyntheticSpec(num_training=settings.num_training, num_test=settings.num_test,
                              shape=settings.shape, seed=settings.seed)

@@ -100,6 +100,8 @@ class nnUNetUniversalTrainer(nnUNetExtTrainer):
 
     #: "cases" (proportional to training cases), "uniform", or {task name: weight}
     task_weighting: str | dict = "cases"
+    #: read by ``nnunet-ext demo``: build a merged multi-task dataset for this trainer
+    uses_merged_dataset = True
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
