@@ -1,0 +1,199 @@
+"""MC-Net / MC-Net+: one V-Net encoder, several decoders that differ only in how they upsample.
+
+Follows Wu et al., "Mutual consistency learning for semi-supervised medical image segmentation"
+(MedIA 2022) and its official code (github.com/ycwu1997/MC-Net, ``networks/VNet.py``), written
+anew for nnU-Net v2:
+
+* encoder: V-Net with ``base_filters`` (16) doubling per level, no cap; convs 3x3x3 + BatchNorm +
+  ReLU, 1, 2, 3, 3, 3 per level; downsampling by a strided conv whose kernel equals its stride,
+  + BN + ReLU; Dropout3d(0.5) on the bottleneck (training mode only, shared by all decoders);
+* decoders: upsample to the level above (``transpose``: ConvTranspose3d(k = s = stride);
+  ``trilinear``: trilinear with align_corners=True + 3x3x3 conv; ``nearest``: nearest + 3x3x3
+  conv; each + BN + ReLU), add the skip (V-Net's additive skips, not concatenation), the level's
+  conv block; each decoder has its own Dropout3d(0.5) before its 1x1 head.
+  ``num_decoders`` = 1 is V-Net, 2 is MC-Net, 3 is MC-Net+ (the official order of kinds).
+
+Plan-driven (where we had to decide): the official net always downsamples 4 times by 2x2x2.
+Here ``strides`` lists the per-level downsampling (any count >= 1, anisotropic allowed), so the
+network follows nnU-Net's patch and spacing; :func:`downsampling_from_plans` takes them from
+nnU-Net's plans (at most 4, the official depth). Conv counts per level follow the official
+pattern (1, 2, then 3s); decoder level l has as many convs as encoder level l (as official).
+Any patch divisible by the product of the strides works.
+
+Outputs: in training mode (or with ``decoder.deep_supervision`` True), a list of every decoder's
+logits, decoder 1 first. In eval mode with deep supervision off (what nnU-Net's predictor and
+validation use) one tensor: ``inference="first"`` decoder 1 only (the paper's choice; only
+decoder 1 is run), ``"mean"`` the mean of all decoders' logits (the official
+``test_single_case_average_output``, which averages logits, not probabilities).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+UPSAMPLING_KINDS = ("transpose", "trilinear", "nearest")  # the official decoders 1, 2, 3
+INFERENCE_MODES = ("first", "mean")
+OFFICIAL_STRIDES = ((2, 2, 2),) * 4
+OFFICIAL_MAX_DOWNSAMPLINGS = 4
+
+
+def official_convs_per_level(num_levels: int) -> list[int]:
+    """1, 2, 3, 3, ... convs per resolution level (official: 1, 2, 3, 3, 3 for 5 levels)."""
+    return [min(level + 1, 3) for level in range(num_levels)]
+
+
+def downsampling_from_plans(plans_strides: Sequence[Sequence[int]],
+                            max_downsamplings: int = OFFICIAL_MAX_DOWNSAMPLINGS) -> list[list[int]]:
+    """Per-level downsampling for MCNet from nnU-Net's plans ``strides`` (= pool op kernel sizes).
+
+    nnU-Net's first stage does not downsample (stride 1); the next entries are the pooling steps,
+    anisotropic ones such as (1, 2, 2) first. We keep the first ``max_downsamplings`` of them: the
+    V-Net depth of the paper (4) where the plans allow it, fewer where the patch is too small. The
+    patch stays divisible (a prefix of nnU-Net's strides divides what nnU-Net made it divisible by).
+    """
+    strides = [[int(s) for s in stride] for stride in plans_strides]
+    if not strides or any(s != 1 for s in strides[0]):
+        raise ValueError(f"expected nnU-Net plans strides starting with a stride-1 stage, got {plans_strides}")
+    downsampling = strides[1:1 + max_downsamplings]
+    if not downsampling:
+        raise ValueError(f"the plans' strides {plans_strides} have no downsampling; MC-Net needs at least one")
+    return downsampling
+
+
+def _conv_block(channels_in: int, channels_out: int, n_convs: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i in range(n_convs):
+        layers += [nn.Conv3d(channels_in if i == 0 else channels_out, channels_out, 3, padding=1),
+                   nn.BatchNorm3d(channels_out), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers)
+
+
+def _upsampling(kind: str, channels_in: int, channels_out: int, stride: Sequence[int]) -> nn.Sequential:
+    stride = tuple(int(s) for s in stride)
+    if kind == "transpose":
+        layers: list[nn.Module] = [nn.ConvTranspose3d(channels_in, channels_out, stride, stride=stride)]
+    elif kind in ("trilinear", "nearest"):
+        resize = nn.Upsample(scale_factor=tuple(float(s) for s in stride), mode=kind,
+                             align_corners=True if kind == "trilinear" else None)
+        layers = [resize, nn.Conv3d(channels_in, channels_out, 3, padding=1)]
+    else:
+        raise ValueError(f"unknown upsampling {kind!r}; use one of {UPSAMPLING_KINDS}")
+    return nn.Sequential(*layers, nn.BatchNorm3d(channels_out), nn.ReLU(inplace=True))
+
+
+class VNetEncoder(nn.Module):
+    """V-Net encoder; returns the features of every level, full resolution first."""
+
+    def __init__(self, input_channels: int, features: Sequence[int], convs: Sequence[int],
+                 strides: Sequence[Sequence[int]], dropout_p: float):
+        super().__init__()
+        self.stages = nn.ModuleList(_conv_block(input_channels if level == 0 else features[level], features[level],
+                                                convs[level]) for level in range(len(features)))
+        self.downsamplings = nn.ModuleList(
+            nn.Sequential(nn.Conv3d(features[level], features[level + 1], tuple(stride), stride=tuple(stride)),
+                          nn.BatchNorm3d(features[level + 1]), nn.ReLU(inplace=True))
+            for level, stride in enumerate(strides))
+        self.dropout = nn.Dropout3d(dropout_p) if dropout_p > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        skips = []
+        for level, stage in enumerate(self.stages):
+            x = stage(x)
+            skips.append(x)
+            if level < len(self.downsamplings):
+                x = self.downsamplings[level](x)
+        skips[-1] = self.dropout(skips[-1])
+        return skips
+
+
+class VNetDecoder(nn.Module):
+    """One V-Net decoder with its own upsampling kind, additive skips and 1x1 head."""
+
+    def __init__(self, upsampling: str, num_classes: int, features: Sequence[int], convs: Sequence[int],
+                 strides: Sequence[Sequence[int]], dropout_p: float):
+        super().__init__()
+        self.upsampling = upsampling
+        levels = range(len(strides) - 1, -1, -1)  # deepest first
+        self.ups = nn.ModuleList(_upsampling(upsampling, features[level + 1], features[level], strides[level])
+                                 for level in levels)
+        self.stages = nn.ModuleList(_conv_block(features[level], features[level], convs[level]) for level in levels)
+        self.dropout = nn.Dropout3d(dropout_p) if dropout_p > 0 else nn.Identity()
+        self.head = nn.Conv3d(features[0], num_classes, 1)
+
+    def forward(self, skips: Sequence[torch.Tensor]) -> torch.Tensor:
+        x = skips[-1]
+        for i, (up, stage) in enumerate(zip(self.ups, self.stages)):
+            x = stage(up(x) + skips[-(i + 2)])
+        return self.head(self.dropout(x))
+
+
+class MCNetDecoders(nn.Module):
+    """The decoders, and the ``deep_supervision`` switch nnU-Net flips (here: all outputs or one)."""
+
+    def __init__(self, decoders: Sequence[VNetDecoder], inference: str, deep_supervision: bool):
+        super().__init__()
+        if inference not in INFERENCE_MODES:
+            raise ValueError(f"inference={inference!r}; use one of {INFERENCE_MODES}")
+        self.decoders = nn.ModuleList(decoders)
+        self.inference = inference
+        self.deep_supervision = bool(deep_supervision)
+
+    def forward(self, skips: Sequence[torch.Tensor]) -> list[torch.Tensor] | torch.Tensor:
+        if self.training or self.deep_supervision:
+            return [decoder(skips) for decoder in self.decoders]
+        if self.inference == "first":
+            return self.decoders[0](skips)
+        return torch.stack([decoder(skips) for decoder in self.decoders]).mean(0)
+
+
+class MCNet(nn.Module):
+    """MC-Net+ (3 decoders), MC-Net (2) or V-Net (1); keyword arguments a plan or trainer can give.
+
+    ``strides``: per-level downsampling, deepest last (default the official 4 x 2x2x2; see
+    :func:`downsampling_from_plans`). ``convs_per_level``: default 1, 2, 3, 3, ... (official).
+    ``upsampling``: the decoders' kinds (default the first ``num_decoders`` of transpose,
+    trilinear, nearest). ``deep_supervision``: return all decoders' logits also in eval mode.
+    """
+
+    def __init__(self, input_channels: int, num_classes: int,
+                 strides: Sequence[Sequence[int]] = OFFICIAL_STRIDES, num_decoders: int = 3,
+                 base_filters: int = 16, convs_per_level: Sequence[int] | None = None,
+                 upsampling: Sequence[str] | None = None, dropout_p: float = 0.5, inference: str = "first",
+                 deep_supervision: bool = False):
+        super().__init__()
+        strides = [[int(s) for s in stride] for stride in strides]
+        if not strides or any(len(stride) != 3 or min(stride) < 1 for stride in strides):
+            raise ValueError(f"MCNet is 3D: strides must be a non-empty list of 3 positive ints each, got {strides}")
+        if upsampling is None:
+            if not 1 <= num_decoders <= len(UPSAMPLING_KINDS):
+                raise ValueError(f"num_decoders={num_decoders}: the paper has 1 to {len(UPSAMPLING_KINDS)} "
+                                 f"(V-Net, MC-Net, MC-Net+); give `upsampling` explicitly for more")
+            upsampling = UPSAMPLING_KINDS[:num_decoders]
+        elif len(upsampling) != num_decoders:
+            raise ValueError(f"upsampling {list(upsampling)} does not name num_decoders={num_decoders} decoders")
+        num_levels = len(strides) + 1
+        convs = list(convs_per_level) if convs_per_level is not None else official_convs_per_level(num_levels)
+        if len(convs) != num_levels:
+            raise ValueError(f"convs_per_level needs {num_levels} entries (one per level), got {convs}")
+        features = [base_filters * 2 ** level for level in range(num_levels)]
+        self.strides = strides
+        self.total_stride = tuple(int(s) for s in np.prod(np.array(strides), axis=0))
+        self.encoder = VNetEncoder(input_channels, features, convs, strides, dropout_p)
+        self.decoder = MCNetDecoders([VNetDecoder(kind, num_classes, features, convs, strides, dropout_p)
+                                      for kind in upsampling], inference, deep_supervision)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor] | torch.Tensor:
+        if any(size % stride for size, stride in zip(x.shape[2:], self.total_stride)):
+            raise ValueError(f"MCNet input {tuple(x.shape[2:])} is not divisible by its total stride "
+                             f"{self.total_stride} (the additive skips need exact sizes)")
+        return self.decoder(self.encoder(x))
+
+
+def paper_mcnet(num_decoders: int = 3) -> MCNet:
+    """The LA configuration of the paper: 1 channel, 2 classes, 4 x 2x2x2 downsampling (patch
+    112x112x80 is divisible by 16), 16 base filters; 3 decoders = MC-Net+ (15,246,566 parameters),
+    2 = MC-Net (12,347,716), 1 = V-Net (9,448,866)."""
+    return MCNet(input_channels=1, num_classes=2, strides=OFFICIAL_STRIDES, num_decoders=num_decoders)
