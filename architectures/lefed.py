@@ -1,0 +1,271 @@
+"""LeFeD: a V-Net with two decoders whose feature discrepancy is fed back into the encoder.
+
+Follows METHODS.md (LeFeD section) and the official code (github.com/maxwell0027/LeFeD,
+``networks/my_net.py``, read for understanding; it does not run as published) on our own blocks:
+
+* encoder: V-Net (16 base filters, 1/2/3/3/3 conv-BN-ReLU layers per stage, stride-k convs of
+  kernel k for downsampling, ``Dropout3d(0.3)`` on the bottleneck);
+* decoder 1: transposed-conv upsampling; decoder 2: trilinear (``align_corners=True``) + 3x3x3
+  conv upsampling; both with 3/3/2/1 conv layers per stage, additive skips and ``Dropout3d(0.5)``
+  before the 1x1 classifier. METHODS.md names the 0.5 dropout with decoder 2; the official
+  ``Decoder`` class applies it in both decoders (``has_dropout`` is shared) and so do we;
+* decoder 2 is gated by decoder 1: with ``w_k = sigmoid(f1_k).detach()`` (``f1_k`` = decoder 1's
+  feature at stage k), the bottleneck becomes ``x5 + x5 * w5`` and every skip ``x_k * w_k``, so the
+  gate passes no gradient into decoder 1;
+* five 1x1 side heads on decoder 1's stage features (bottleneck + the four upsampled features
+  before the skip is added, as official), upsampled to the patch by trilinear interpolation
+  (``align_corners=True``) one stage at a time, as the official ``SideConv`` does with its
+  repeated x2 upsampling;
+* feedback: ``forward(x, feedback=[...])`` adds five tensors to the five encoder stage outputs
+  (before downsampling; before the bottleneck dropout), the trainer's detached
+  ``1e-3 * (decoder 2 features - decoder 1 features)`` of the previous pass.
+
+Order convention (ours): every list of five per-stage tensors (``feedback``, ``features1``,
+``features2``, ``side``) is ordered like nnU-Net's skips, full resolution first, bottleneck last.
+The official code orders decoder features and feedback bottleneck first.
+
+Plans: ``strides`` are the four downsampling strides (nnU-Net's per-stage ``strides`` without the
+first, see :func:`vnet_strides`), so patch size and anisotropy follow the plans; the default is the
+official four isotropic stride-2 steps. 2D strides give the same network with 2D ops.
+
+Outputs: ``decoder.deep_supervision`` is the switch nnU-Net flips. On (or ``training_outputs=True``,
+what the trainer passes), ``forward`` returns :class:`LeFeDOutput`; off (nnU-Net's predictor and
+validation), decoder 1's logits only, computed in one pass without decoder 2 or the side heads.
+Parameters (LA: 1 channel, 2 classes): 12,348,718 = encoder 7,376,896 + decoder 1 2,071,970 +
+decoder 2 2,898,850 + side heads 1,002, as METHODS.md.
+
+Shared later: the V-Net blocks here (``VNetConvStage``, ``VNetDown``, ``VNetUp``) duplicate what
+the MC-Net+ module needs; they could move to ``architectures/blocks`` once both have landed.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ISOTROPIC_STRIDES = ((2, 2, 2),) * 4
+ENCODER_CONVS = (1, 2, 3, 3, 3)  # conv layers per encoder stage, full resolution first (official)
+DECODER_CONVS = (3, 3, 2, 1)  # conv layers per decoder stage, deepest first (official)
+FEEDBACK_SCALE = 1e-3  # official factor of the feature discrepancy
+
+
+class LeFeDOutput(NamedTuple):
+    """Training outputs: logits of both decoders, side logits (patch size) and per-stage features."""
+
+    logits1: torch.Tensor
+    logits2: torch.Tensor
+    side: list[torch.Tensor]
+    features1: list[torch.Tensor]
+    features2: list[torch.Tensor]
+
+
+def _ops(dim: int):
+    if dim == 3:
+        return nn.Conv3d, nn.ConvTranspose3d, nn.BatchNorm3d, nn.Dropout3d, "trilinear"
+    if dim == 2:
+        return nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d, nn.Dropout2d, "bilinear"
+    raise ValueError(f"LeFeD is built for 2D or 3D strides, got {dim}D")
+
+
+def vnet_strides(plan_strides: Sequence[Sequence[int] | int], dim: int | None = None) -> tuple[tuple[int, ...], ...]:
+    """The V-Net's four downsampling strides from nnU-Net's per-stage ``strides`` (first stage first).
+
+    The V-Net has exactly five stages. nnU-Net's first entry is the first stage's (normally 1) and
+    is dropped; of the rest, the first four are used (the plans' patch is divisible by the product
+    of all of them, hence by that of the first four); fewer than four are padded with stride 1,
+    a stage that keeps the resolution.
+    """
+    entries = [tuple(s) if isinstance(s, (list, tuple)) else None for s in plan_strides]
+    dim = dim or next((len(e) for e in entries if e is not None), 3)
+    full = [e if e is not None else (int(s),) * dim for e, s in zip(entries, plan_strides)]
+    if full and any(v != 1 for v in full[0]):
+        raise ValueError(f"LeFeD keeps the first stage at full resolution; the plans' first stride is {full[0]}")
+    steps = [tuple(int(v) for v in s) for s in full[1:5]]
+    return tuple(steps + [(1,) * dim] * (4 - len(steps)))
+
+
+class VNetConvStage(nn.Sequential):
+    """``n`` x (3x3(x3) conv with bias, BatchNorm, ReLU): a V-Net stage (non-residual, as official)."""
+
+    def __init__(self, n: int, in_channels: int, out_channels: int, dim: int = 3):
+        conv, _, norm, _, _ = _ops(dim)
+        layers: list[nn.Module] = []
+        for i in range(n):
+            layers += [conv(in_channels if i == 0 else out_channels, out_channels, 3, padding=1),
+                       norm(out_channels), nn.ReLU(inplace=True)]
+        super().__init__(*layers)
+
+
+class VNetDown(nn.Sequential):
+    """Downsampling by a conv whose kernel equals its stride, BatchNorm, ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: Sequence[int]):
+        conv, _, norm, _, _ = _ops(len(stride))
+        super().__init__(conv(in_channels, out_channels, tuple(stride), stride=tuple(stride)), norm(out_channels),
+                         nn.ReLU(inplace=True))
+
+
+class VNetUp(nn.Module):
+    """Upsampling by ``stride``, BatchNorm, ReLU: ``"transposed"`` (kernel = stride) or ``"linear"``
+    ((bi/tri)linear interpolation, ``align_corners=True``, then a 3x3(x3) conv), as the official
+    ``mode_upsampling`` 0 and 1."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: Sequence[int], mode: str):
+        super().__init__()
+        conv, transposed, norm, _, self.interpolation = _ops(len(stride))
+        self.stride, self.mode = tuple(stride), mode
+        if mode == "transposed":
+            self.conv = transposed(in_channels, out_channels, self.stride, stride=self.stride)
+        elif mode == "linear":
+            self.conv = conv(in_channels, out_channels, 3, padding=1)
+        else:
+            raise ValueError(f"upsampling mode {mode!r}: 'transposed' or 'linear'")
+        self.norm, self.act = norm(out_channels), nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "linear":
+            x = upsample_linear(x, self.stride, self.interpolation)
+        return self.act(self.norm(self.conv(x)))
+
+
+def upsample_linear(x: torch.Tensor, stride: Sequence[int], mode: str) -> torch.Tensor:
+    """(Bi/tri)linear upsampling by an integer stride per axis, ``align_corners=True`` (official)."""
+    if all(s == 1 for s in stride):
+        return x
+    size = [n * s for n, s in zip(x.shape[2:], stride)]
+    return F.interpolate(x, size=size, mode=mode, align_corners=True)
+
+
+class LeFeDEncoder(nn.Module):
+    """V-Net encoder; returns the five stage outputs (full resolution first), feedback added."""
+
+    def __init__(self, input_channels: int, strides: Sequence[Sequence[int]], base_features: int = 16,
+                 dropout: float = 0.3):
+        super().__init__()
+        dim = len(strides[0])
+        widths = [base_features * 2 ** k for k in range(5)]
+        self.stages = nn.ModuleList(VNetConvStage(n, input_channels if k == 0 else widths[k], widths[k], dim)
+                                    for k, n in enumerate(ENCODER_CONVS))
+        self.downs = nn.ModuleList(VNetDown(widths[k], widths[k + 1], strides[k]) for k in range(4))
+        self.dropout = _ops(dim)[3](p=dropout)
+        self.widths = widths
+
+    def forward(self, x: torch.Tensor, feedback: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        if feedback is not None and len(feedback) != len(self.stages):
+            raise ValueError(f"feedback needs {len(self.stages)} tensors (one per encoder stage), got {len(feedback)}")
+        skips = []
+        for k, stage in enumerate(self.stages):
+            x = stage(x)
+            if feedback is not None:
+                x = x + feedback[k]
+            if k == len(self.stages) - 1:
+                x = self.dropout(x)  # official: on the bottleneck, after the feedback
+            skips.append(x)
+            if k < len(self.downs):
+                x = self.downs[k](x)
+        return skips
+
+
+class LeFeDDecoder(nn.Module):
+    """A V-Net decoder with additive skips; optionally gated (decoder 2).
+
+    Returns (logits, features), features full resolution first: the upsampled features before the
+    skip is added, and last the bottleneck as this decoder used it (gated for decoder 2), as the
+    official ``Decoder`` returns them.
+    """
+
+    def __init__(self, num_classes: int, strides: Sequence[Sequence[int]], widths: Sequence[int], upsampling: str,
+                 dropout: float = 0.5):
+        super().__init__()
+        dim = len(strides[0])
+        levels = range(3, -1, -1)  # the level each upsampling step reaches, deepest first
+        self.ups = nn.ModuleList(VNetUp(widths[k + 1], widths[k], strides[k], upsampling) for k in levels)
+        self.stages = nn.ModuleList(VNetConvStage(n, widths[k], widths[k], dim) for n, k in zip(DECODER_CONVS, levels))
+        self.dropout = _ops(dim)[3](p=dropout)
+        self.head = _ops(dim)[0](widths[0], num_classes, 1)
+
+    def forward(self, skips: Sequence[torch.Tensor], gates: Sequence[torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        x = skips[-1]
+        if gates is not None:
+            x = x + x * gates[-1]
+        features = [x]
+        for i, (up, stage) in enumerate(zip(self.ups, self.stages)):
+            level = len(skips) - 2 - i
+            upsampled = up(x)
+            features.append(upsampled)
+            skip = skips[level] if gates is None else skips[level] * gates[level]
+            x = stage(upsampled + skip)
+        return self.head(self.dropout(x)), features[::-1]
+
+
+class LeFeDSideHeads(nn.Module):
+    """1x1 heads on decoder 1's five stage features, upsampled to the patch stage by stage."""
+
+    def __init__(self, num_classes: int, strides: Sequence[Sequence[int]], widths: Sequence[int]):
+        super().__init__()
+        self.strides = [tuple(s) for s in strides]
+        conv, _, _, _, self.interpolation = _ops(len(strides[0]))
+        self.heads = nn.ModuleList(conv(w, num_classes, 1) for w in widths)
+
+    def forward(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        outputs = []
+        for k, (head, feature) in enumerate(zip(self.heads, features)):
+            y = head(feature)
+            for level in range(k - 1, -1, -1):
+                y = upsample_linear(y, self.strides[level], self.interpolation)
+            outputs.append(y)
+        return outputs
+
+
+class LeFeDDecoders(nn.Module):
+    """Both decoders and the side heads; ``deep_supervision`` is the switch nnU-Net flips."""
+
+    def __init__(self, num_classes: int, strides: Sequence[Sequence[int]], widths: Sequence[int],
+                 dropout: float = 0.5, deep_supervision: bool = True):
+        super().__init__()
+        self.decoder1 = LeFeDDecoder(num_classes, strides, widths, "transposed", dropout)
+        self.decoder2 = LeFeDDecoder(num_classes, strides, widths, "linear", dropout)
+        self.side = LeFeDSideHeads(num_classes, strides, widths)
+        self.deep_supervision = deep_supervision
+
+
+class LeFeD(nn.Module):
+    """LeFeD network (see the module docstring). Configured by keyword arguments only, as plans do."""
+
+    def __init__(self, input_channels: int, num_classes: int,
+                 strides: Sequence[Sequence[int]] = ISOTROPIC_STRIDES, base_features: int = 16,
+                 encoder_dropout: float = 0.3, decoder_dropout: float = 0.5, deep_supervision: bool = True):
+        super().__init__()
+        strides = tuple(tuple(int(v) for v in s) for s in strides)
+        if len(strides) != 4 or len({len(s) for s in strides}) != 1:
+            raise ValueError(f"LeFeD needs four downsampling strides of one dimensionality, got {strides} "
+                             f"(from nnU-Net plans use vnet_strides(plans_strides))")
+        self.strides = strides
+        self.encoder = LeFeDEncoder(input_channels, strides, base_features, encoder_dropout)
+        self.decoder = LeFeDDecoders(num_classes, strides, self.encoder.widths, decoder_dropout, deep_supervision)
+
+    def forward(self, x: torch.Tensor, feedback: Sequence[torch.Tensor] | None = None,
+                training_outputs: bool | None = None) -> LeFeDOutput | torch.Tensor:
+        """``training_outputs`` None follows ``decoder.deep_supervision``; False: decoder 1's logits only."""
+        skips = self.encoder(x, feedback)
+        logits1, features1 = self.decoder.decoder1(skips)
+        full = self.decoder.deep_supervision if training_outputs is None else training_outputs
+        if not full:
+            return logits1
+        gates = [torch.sigmoid(f).detach() for f in features1]
+        logits2, features2 = self.decoder.decoder2(skips, gates)
+        return LeFeDOutput(logits1, logits2, self.decoder.side(features1), features1, features2)
+
+
+def discrepancy_feedback(output: LeFeDOutput, scale: float = FEEDBACK_SCALE) -> list[torch.Tensor]:
+    """The next pass's feedback: ``scale * (decoder 2 features - decoder 1 features)``, detached."""
+    return [scale * (f2.detach() - f1.detach()) for f1, f2 in zip(output.features1, output.features2)]
+
+
+def paper_lefed() -> LeFeD:
+    """LA configuration of the paper: 1 channel, 2 classes, four isotropic stride-2 steps (patch
+    96x96x96 for training, 112x112x80 for testing; the parameters do not depend on the patch)."""
+    return LeFeD(input_channels=1, num_classes=2)
