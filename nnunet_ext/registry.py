@@ -84,6 +84,44 @@ METHODS: tuple[Method, ...] = (
               "bottleneck (FUSE); the task's prompt channel conditions the decoder; predict with "
               "`nnunet-ext predict --task NAME`",
     ),
+    Method(
+        key="mcnet",
+        title="MC-Net+",
+        paper="Wu et al., Mutual consistency learning for semi-supervised medical image segmentation, MedIA 2022",
+        trainers=("nnunet_ext.trainers.mcnet:MCNetPlusTrainer",),
+        networks=(PaperNetwork("MCNetPlus", "nnunet_ext.architectures.mcnet:paper_mcnet", 15_246_566,
+                               "LA: 1 channel, 2 classes, patch 112x112x80, 3 decoders"),),
+        notes="semi-supervised (labelled + unlabelled batches): V-Net encoder and three decoders differing only in "
+              "upsampling (transposed conv, trilinear, nearest); Dice on labelled patches + mutual consistency "
+              "between each decoder's probabilities and the others' sharpened ones; inference uses decoder 1",
+    ),
+    Method(
+        key="lefed",
+        title="LeFeD",
+        paper="Zeng, Xie, Lu, Lu, Zhang, Xia, Consistency-Guided Differential Decoding for Enhancing Semi-Supervised "
+              "Medical Image Segmentation, IEEE TMI 2025 (arXiv 2309.14819: Discrepancy Matters: Learning from "
+              "Inconsistent Decoder Features for Consistent Semi-supervised Medical Image Segmentation), "
+              "github.com/maxwell0027/LeFeD",
+        trainers=("nnunet_ext.trainers.lefed:LeFeDTrainer",),
+        networks=(PaperNetwork("LeFeD", "nnunet_ext.architectures.lefed:paper_lefed", 12_348_718,
+                               "LA: 1 channel, 2 classes, 2 decoders + 5 side heads"),),
+        notes="semi-supervised (labelled + unlabelled batches): V-Net encoder, transposed-conv and trilinear "
+              "decoders, decoder 2 gated by decoder 1; 3 passes per batch feeding the decoders' feature "
+              "discrepancy back into the encoder; inference uses decoder 1",
+    ),
+    Method(
+        key="dodnet",
+        title="DoDNet",
+        paper="Zhang et al., DoDNet: Learning to segment multi-organ and tumors from multiple partially labeled "
+              "datasets, CVPR 2021",
+        trainers=("nnunet_ext.trainers.dodnet:DoDNetTrainer",),
+        networks=(PaperNetwork("DoDNet", "nnunet_ext.architectures.dodnet:paper_dodnet", 17_329_528,
+                               "MOTS: 7 tasks, 1 channel, 64x192x192 patch"),),
+        notes="residual WS-conv/GroupNorm 3D U-Net; a controller (pooled bottleneck + one-hot task) generates "
+              "each sample's 8->8->8->2 dynamic head; per-task sigmoid channels (one per annotated class, nested "
+              "classes via NNUNET_EXT_NESTED_LABELS), merged-class scores in eval mode; predict with "
+              "`nnunet-ext predict --task NAME`",
+    ),
 )
 
 

@@ -16,8 +16,8 @@ from nnunet_ext import compat
 from nnunet_ext.architectures.banet import BANet, nnunet_default_topology_3d, paper_banet
 from nnunet_ext.losses.boundary import (BOUNDARY_IGNORE, BoundaryAwareLoss, BoundaryTargets, label_boundaries,
                                         region_boundaries)
-from nnunet_ext.testing.harness import (NnUNetRoot, check_pipeline_outputs, make_nnunet_root, run_stock,
-                                        run_stock_pipeline)
+from nnunet_ext.testing.harness import (NnUNetRoot, check_pipeline_outputs, load_trainer, make_nnunet_root,
+                                        run_stock, run_stock_pipeline)
 from nnunet_ext.trainers.banet import BANET_CLASS_NAME, BANetTrainer, banet_architecture
 
 
@@ -249,17 +249,11 @@ def make_region_root(base: Path) -> NnUNetRoot:
     return root
 
 
-def load_trainer(root: NnUNetRoot, results: Path, monkeypatch) -> BANetTrainer:
-    for variable, folder in [("nnUNet_raw", root.raw), ("nnUNet_preprocessed", root.preprocessed),
-                             ("nnUNet_results", results)]:
-        monkeypatch.setenv(variable, str(folder))
-    plans = json.loads((root.preprocessed / root.dataset_name / "nnUNetPlans.json").read_text())
-    dataset_json = json.loads((root.preprocessed / root.dataset_name / "dataset.json").read_text())
-    return compat.instantiate_trainer(BANetTrainer, plans, "3d_fullres", 0, dataset_json, torch.device("cpu"))
-
+def _trainer(root: NnUNetRoot, results: Path, monkeypatch) -> BANetTrainer:
+    return load_trainer(root, BANetTrainer, monkeypatch, results)
 
 def test_trainer_builds_banet_from_nnunet_default_plans(nnunet_root, tmp_path, monkeypatch):
-    trainer = load_trainer(nnunet_root, tmp_path, monkeypatch)
+    trainer = _trainer(nnunet_root, tmp_path, monkeypatch)
     class_name, kwargs, _ = banet_architecture(trainer.configuration_manager)
     assert class_name == BANET_CLASS_NAME
     assert kwargs == trainer.configuration_manager.network_arch_init_kwargs  # same topology as nnU-Net's U-Net
@@ -279,7 +273,7 @@ def test_trainer_builds_banet_from_nnunet_default_plans(nnunet_root, tmp_path, m
 
 
 def test_trainer_refuses_plans_for_other_networks(nnunet_root, tmp_path, monkeypatch):
-    trainer = load_trainer(nnunet_root, tmp_path, monkeypatch)
+    trainer = _trainer(nnunet_root, tmp_path, monkeypatch)
     trainer.configuration_manager.configuration["architecture"]["network_class_name"] = \
         "nnunet_ext.architectures.cotr.CoTr"
     with pytest.raises(ValueError, match="PlainConvUNet or ResidualEncoderUNet.*-p nnUNetPlans"):
@@ -287,7 +281,7 @@ def test_trainer_refuses_plans_for_other_networks(nnunet_root, tmp_path, monkeyp
 
 
 def test_trainer_refuses_training_without_deep_supervision(nnunet_root, tmp_path, monkeypatch):
-    trainer = load_trainer(nnunet_root, tmp_path, monkeypatch)
+    trainer = _trainer(nnunet_root, tmp_path, monkeypatch)
     trainer.enable_deep_supervision = False
     with pytest.raises(RuntimeError, match="deep supervision cannot be disabled"):
         trainer.initialize()

@@ -13,7 +13,7 @@ from nnunet_ext import compat
 from nnunet_ext.architectures.uniseg import UniSeg
 from nnunet_ext.datasets.multi_dataset import DEFAULT_DATASET_IDS, DEFAULT_SOURCES
 from nnunet_ext.tasks.task_map import TaskMap
-from nnunet_ext.testing.harness import NnUNetRoot, run_stock
+from nnunet_ext.testing.harness import NnUNetRoot, load_trainer, run_stock
 from nnunet_ext.trainers.uniseg import ITERATIONS_PER_TASK, UniSegTrainer
 from nnunet_ext.trainers.universal import TASKS_PLANS_KEY
 
@@ -21,13 +21,7 @@ TRAINER = "UniSegTrainer"
 
 
 def _trainer(root: NnUNetRoot, monkeypatch, results) -> UniSegTrainer:
-    for variable, folder in [("nnUNet_raw", root.raw), ("nnUNet_preprocessed", root.preprocessed),
-                             ("nnUNet_results", results)]:
-        monkeypatch.setenv(variable, str(folder))
-    plans = json.loads((root.preprocessed / root.dataset_name / "nnUNetPlans.json").read_text())
-    dataset_json = json.loads((root.preprocessed / root.dataset_name / "dataset.json").read_text())
-    return compat.instantiate_trainer(UniSegTrainer, plans, "3d_fullres", 0, dataset_json, torch.device("cpu"))
-
+    return load_trainer(root, UniSegTrainer, monkeypatch, results)
 
 def test_schedule_is_the_official_one(universal_root, tmp_path, monkeypatch):
     trainer = _trainer(universal_root, monkeypatch, tmp_path)

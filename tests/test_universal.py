@@ -19,7 +19,7 @@ from nnunet_ext.tasks.conditioning import TaskNotSetError, is_masked
 from nnunet_ext.tasks.sampling import task_probabilities
 from nnunet_ext.tasks.task_map import TaskMap, TaskMapError
 from nnunet_ext.testing.harness import UNIVERSAL_DATASET_ID as MERGED_ID
-from nnunet_ext.testing.harness import NnUNetRoot, run_stock
+from nnunet_ext.testing.harness import NnUNetRoot, load_trainer, run_stock
 from nnunet_ext.trainers.universal import (TASKS_PLANS_KEY, TaskConditionedNetwork, nnUNetUniversalTrainer,
                                            summarise)
 
@@ -125,15 +125,8 @@ def test_summary_means_each_label_over_the_cases_that_annotate_it():
 # merged synthetic family: loader, trainer, end to end
 # ---------------------------------------------------------------------------------------------
 def _trainer(root: NnUNetRoot, monkeypatch, results: Path) -> nnUNetUniversalTrainer:
-    for variable, folder in [("nnUNet_raw", root.raw), ("nnUNet_preprocessed", root.preprocessed),
-                             ("nnUNet_results", results)]:
-        monkeypatch.setenv(variable, str(folder))
     monkeypatch.setenv("nnUNet_n_proc_DA", "0")
-    plans = json.loads((root.preprocessed / root.dataset_name / "nnUNetPlans.json").read_text())
-    dataset_json = json.loads((root.preprocessed / root.dataset_name / "dataset.json").read_text())
-    return compat.instantiate_trainer(nnUNetUniversalTrainer, plans, "3d_fullres", 0, dataset_json,
-                                      torch.device("cpu"))
-
+    return load_trainer(root, nnUNetUniversalTrainer, monkeypatch, results)
 
 def test_loader_yields_single_task_batches_with_the_tasks_labels(universal_root, tmp_path, monkeypatch):
     trainer = _trainer(universal_root, monkeypatch, tmp_path)

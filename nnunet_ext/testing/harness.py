@@ -86,6 +86,26 @@ def make_universal_root(base: str | os.PathLike, dataset_id: int = UNIVERSAL_DAT
     return root
 
 
+def load_trainer(root: NnUNetRoot, trainer_class, monkeypatch, results: str | os.PathLike | None = None,
+                 plans: str = "nnUNetPlans", configuration: str = "3d_fullres", fold: int = 0,
+                 continue_training: bool = False):
+    """A trainer created in-process as ``nnUNetv2_train`` creates it, on CPU, for unit tests.
+
+    ``monkeypatch`` (pytest's) points nnU-Net's folder variables at the root for the test only.
+    """
+    import torch
+
+    from nnunet_ext import compat
+
+    for variable, folder in [("nnUNet_raw", root.raw), ("nnUNet_preprocessed", root.preprocessed),
+                             ("nnUNet_results", results or root.results)]:
+        monkeypatch.setenv(variable, str(folder))
+    plans_dict = json.loads((root.preprocessed / root.dataset_name / f"{plans}.json").read_text())
+    dataset_json = json.loads((root.preprocessed / root.dataset_name / "dataset.json").read_text())
+    return compat.instantiate_trainer(trainer_class, plans_dict, configuration, fold, dataset_json,
+                                      torch.device("cpu"), continue_training)
+
+
 def make_nnunet_root(base: str | os.PathLike, dataset_id: int = HARNESS_DATASET_ID,
                      name: str = HARNESS_DATASET_NAME, spec: SyntheticSpec = HARNESS_SPEC) -> NnUNetRoot:
     root = NnUNetRoot(Path(base), dataset_id, dataset_folder_name(dataset_id, name))
