@@ -42,6 +42,23 @@ def test_task1_is_ct_only(monkeypatch, tmp_path, release):
     assert dataset["channel_names"] == {"0": "CT"} and dataset["numTraining"] == 2
 
 
+def test_mri_variant_merges_with_task1_into_a_two_task_universal_dataset(monkeypatch, tmp_path, release):
+    raw = tmp_path / "raw"
+    assert convert(monkeypatch, raw, "amos22", release, "-d", 323, "--task", "1") == 0
+    assert convert(monkeypatch, raw, "amos22", release, "-d", 324, "--task", "mri") == 0
+    mri = raw / "Dataset324_AMOS22MRI"
+    assert _names(mri / "labelsTr") == ["amos_0501.nii.gz"]
+    assert json.loads((mri / "dataset.json").read_text())["channel_names"] == {"0": "MRI"}
+    from nnunet_ext.tasks.merge import merge_datasets
+    from nnunet_ext.tasks.task_map import TaskMap
+
+    merged = merge_datasets(raw, [323, 324], 325, "AMOS22CTMRI")
+    task_map = TaskMap.from_dataset_json(merged.folder / "dataset.json")
+    assert task_map.names == ("AMOS22Task1", "AMOS22MRI")
+    assert task_map.task("AMOS22Task1").annotated_values == task_map.task("AMOS22MRI").annotated_values  # shared organs
+    assert len(task_map.labels) == len(AMOS_LABELS)
+
+
 def test_include_validation_trains_on_validation_cases(monkeypatch, tmp_path, release):
     assert convert(monkeypatch, tmp_path / "raw", "amos22", release, "-d", 323, "--include-validation") == 0
     folder = tmp_path / "raw" / "Dataset323_AMOS22Task2"

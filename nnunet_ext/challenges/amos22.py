@@ -5,7 +5,9 @@ lists of ``{"image": "./imagesTr/amos_0001.nii.gz", "label": "./labelsTr/amos_00
 "labels" ``{"0": "background", "1": "spleen", ..., "15": "prostate/uterus"}``; folders imagesTr,
 labelsTr, imagesVa, labelsVa (later release), imagesTs. Case ids <= 500 are CT, > 500 MRI.
 
-Task 1 is CT only, task 2 CT and MRI. Labels are taken from the release's json. For task 2 the one
+Task 1 is CT only, task 2 CT and MRI; ``mri`` is the MRI cases alone (channel "MRI"), so CT and
+MRI can be merged as two tasks of one universal dataset (``nnunet-ext merge``), each with its own
+normalisation. Labels are taken from the release's json. For task 2 the one
 channel holds CT or MRI, so it is not named "CT": nnU-Net would apply its CT (Hounsfield-window)
 normalisation to MRI as well; any other name gives per-image z-scoring (nnU-Net's own AMOS task-2
 conversion does the same). Validation cases go to training with ``--include-validation``; otherwise
@@ -26,8 +28,23 @@ MAX_CT_ID = 500
 NUM_LABELS = 16  # background + 15 organs
 
 
-def default_name(task: int) -> str:
-    return f"AMOS22Task{task}"
+TASKS = (1, 2, "mri")
+_DESCRIPTIONS = {1: "task 1 (CT)", 2: "task 2 (CT and MRI)", "mri": "MRI cases"}
+_CHANNELS = {1: "CT", 2: "either_CT_or_MR", "mri": "MRI"}
+
+
+def default_name(task: int | str) -> str:
+    return "AMOS22MRI" if task == "mri" else f"AMOS22Task{task}"
+
+
+def parse_task(task: int | str) -> int | str:
+    """1, 2 or "mri" from what the CLI or a caller gives ("1", 2, "MRI", ...)."""
+    text = str(task).strip().lower()
+    if text in ("1", "2"):
+        return int(text)
+    if text == "mri":
+        return "mri"
+    raise UserFacingError(f"--task must be 1 (CT only), 2 (CT and MRI) or mri (MRI only), got {task!r}.")
 
 
 def case_id_of(path: str) -> str:
@@ -57,9 +74,8 @@ def _labels(release: dict, path: Path) -> dict[str, int]:
 
 
 def plan(src: str | Path, task: int = 2, include_validation: bool = False) -> ConversionPlan:
-    """List the cases of the release selected by ``task`` (1: CT, 2: CT+MRI)."""
-    if task not in (1, 2):
-        raise UserFacingError(f"--task must be 1 (CT only) or 2 (CT and MRI), got {task}.")
+    """List the cases of the release selected by ``task`` (1: CT, 2: CT+MRI, "mri": MRI)."""
+    task = parse_task(task)
     src = Path(src).resolve()
     json_path = src / "dataset.json"
     if not json_path.is_file() or not (src / "imagesTr").is_dir():
@@ -85,7 +101,7 @@ def plan(src: str | Path, task: int = 2, include_validation: bool = False) -> Co
             if not CASE_PATTERN.match(case_id):
                 problems.append((case_id, f"{json_path}: unexpected image name {entry['image']!r}"))
                 continue
-            if task == 1 and not is_ct(case_id):
+            if (task == 1 and not is_ct(case_id)) or (task == "mri" and is_ct(case_id)):
                 continue
             image = src / entry["image"]
             label = src / entry["label"] if labelled and entry.get("label") else None
@@ -96,11 +112,11 @@ def plan(src: str | Path, task: int = 2, include_validation: bool = False) -> Co
             cases.append(CaseSource(case_id, (str(image),), str(label) if label else None, split))
     dataset_json = {
         "name": default_name(task),
-        "description": f"AMOS22 task {task} ({'CT' if task == 1 else 'CT and MRI'}) converted by nnunet-ext"
+        "description": f"AMOS22 {_DESCRIPTIONS[task]} converted by nnunet-ext"
                        + (", validation cases in training" if include_validation else ""),
         "reference": "https://amos22.grand-challenge.org/",
         "licence": "CC BY 4.0",
-        "channel_names": {"0": "CT" if task == 1 else "either_CT_or_MR"},
+        "channel_names": {"0": _CHANNELS[task]},
         "labels": labels,
     }
     identity = {"challenge": CHALLENGE, "task": task, "include_validation": include_validation}

@@ -53,7 +53,9 @@ def add_parser(subparsers) -> None:
                     "unless --include-validation. Default name AMOS22Task1 / AMOS22Task2.",
         epilog=EPILOG)
     _common_arguments(amos)
-    amos.add_argument("--task", type=int, choices=(1, 2), default=2, help="1: CT only; 2: CT and MRI (default)")
+    amos.add_argument("--task", choices=("1", "2", "mri"), default="2",
+                      help="1: CT only; 2: CT and MRI (default); mri: MRI only (merge with task 1 for a CT + MRI "
+                           "universal dataset)")
     amos.add_argument("--include-validation", action="store_true",
                       help="train on the validation cases too (needs labelsVa)")
     segrap = challenges.add_parser(
@@ -73,7 +75,8 @@ def _plan(args: argparse.Namespace):
     if args.challenge == "kits21":
         return kits21.plan(args.src), kits21.DEFAULT_NAME
     if args.challenge == "amos22":
-        return amos22.plan(args.src, args.task, args.include_validation), amos22.default_name(args.task)
+        task = amos22.parse_task(args.task)
+        return amos22.plan(args.src, task, args.include_validation), amos22.default_name(task)
     return segrap2023.plan(args.src, args.task), segrap2023.default_name(args.task)
 
 
