@@ -85,3 +85,16 @@ def test_the_trainers_keep_nnunets_ddp_batch_split():
     for trainer in (nnUNetExtTrainer, BANetTrainer, CoTrTrainer):
         assert trainer._set_batch_size_and_oversample is base, trainer.__name__
     assert torch.distributed.is_available()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trainer", ["nnUNetUniversalTrainer", "UniSegTrainer", "DoDNetTrainer"])
+def test_universal_trainers_under_ddp(universal_root, tmp_path, trainer):
+    """Each process draws its own single-task batches (so one DDP step may average two tasks'
+    gradients); every parameter must take part in each step (no find_unused_parameters in nnU-Net)."""
+    env = universal_root.env(epochs=1, iterations=2, nnUNet_n_proc_DA="0")
+    reports = run_cpu_ddp(env, trainer, universal_root.dataset_id, tmp_path / "reports", fold=1)
+    first, second = reports
+    assert all(r["is_ddp"] and r["network_is_ddp"] for r in reports)
+    assert first["parameter_sum"] == second["parameter_sum"] and all(r["current_epoch"] == 1 for r in reports)
+    assert (Path(first["output_folder"]) / "validation" / "summary_per_task.json").is_file()
