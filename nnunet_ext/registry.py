@@ -122,6 +122,19 @@ METHODS: tuple[Method, ...] = (
               "classes via NNUNET_EXT_NESTED_LABELS), merged-class scores in eval mode; predict with "
               "`nnunet-ext predict --task NAME`",
     ),
+    Method(
+        key="transdodnet",
+        title="TransDoDNet",
+        paper="Xie et al., Learning from partially labeled data for multi-organ and tumor segmentation "
+              "(TransDoDNet), TPAMI 2023",
+        trainers=("nnunet_ext.trainers.transdodnet:TransDoDNetTrainer",),
+        networks=(PaperNetwork("TransDoDNet", "nnunet_ext.architectures.transdodnet:paper_transdodnet", None,
+                               "MOTS: 7 tasks, 1 channel, 64x192x192 patch"),),
+        notes="3D ResNet-50 + deformable transformer (3 encoder layers over 3 levels, 3 decoder layers of task "
+              "queries); each task query's controller output is DoDNet's 8->8->8->2 dynamic head on a CNN "
+              "decoder; DoDNet's label coding and loss; AdamW 2e-4, warm-up + poly, clipping 0.1; predict with "
+              "`nnunet-ext predict --task NAME`",
+    ),
 )
 
 

@@ -1,0 +1,206 @@
+"""TransDoDNet: size against the official code, plan strides, shapes on a narrow variant, gradients to
+the task queries and the decoder's deformable cross-attention, task dependence, eval-mode class
+scores, the official optimiser / warm-up + poly schedule / clipping, and a stock train + task-aware
+predict on the merged synthetic dataset (slow)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from nnunet_ext import compat
+from nnunet_ext.architectures.blocks.deformable_attention import MultiScaleDeformableAttention3D
+from nnunet_ext.architectures.dodnet import SigmoidLabelCoding
+from nnunet_ext.architectures.transdodnet import (PAPER_STRIDES, TransDoDAttention, TransDoDNet, deepnorm_alphas,
+                                                  paper_transdodnet, strides_from_plans)
+from nnunet_ext.datasets.multi_dataset import DEFAULT_DATASET_IDS, DEFAULT_SOURCES
+from nnunet_ext.tasks.conditioning import is_masked
+from nnunet_ext.testing.harness import load_trainer, run_stock
+from nnunet_ext.trainers.dodnet import DoDNetLoss
+from nnunet_ext.trainers.transdodnet import TransDoDNetTrainer, WarmupPolyLRScheduler
+from test_dodnet import synthetic_map
+
+TRAINER = "TransDoDNetTrainer"
+# narrow and shallow, same structure: 3 transformer levels, 2 decoder layers, 2 heads, 2 points
+SMALL = dict(strides=[[1, 2, 2], [2, 2, 2], [2, 2, 2], [1, 2, 2], [1, 1, 1]], blocks=(1, 1, 1, 1),
+             widths=(4, 4, 4, 4), stem_channels=8, expansion=2, decoder_channels=(8, 8, 8, 8), hidden=24, heads=2,
+             ffn=32, encoder_layers=1, decoder_layers=2, points=2)
+PATCH = (8, 32, 32)
+
+
+def _small(num_tasks: int = 3, head_channels: int = 2, **kwargs) -> TransDoDNet:
+    torch.manual_seed(0)
+    return TransDoDNet(1, num_tasks, head_channels, **{**SMALL, **kwargs})
+
+
+# --- network ------------------------------------------------------------------------------------
+
+def test_paper_configuration_has_the_official_size():
+    network = paper_transdodnet()
+    # 39,049,941 = the official TransDoD model (train.py defaults: ResNet-50, add_memory=2, 7 queries),
+    # counted by instantiating jianpengz/DoDNet TransDoD/models/TransDoDNet.py; METHODS.md gives none
+    assert sum(p.numel() for p in network.parameters()) == 39_049_941
+    assert sum(p.numel() for p in network.controller.parameters()) == 192 * 192 + 192 + 192 * 162 + 162
+    assert network.query_decoder.query_embed.weight.shape == (7, 2 * 192)
+    assert len(network.encoder.layers) == 3 and len(network.query_decoder.layers) == 3
+    attention = network.query_decoder.layers[0].cross_attn
+    assert isinstance(attention, TransDoDAttention) and isinstance(attention, MultiScaleDeformableAttention3D)
+    assert (attention.n_levels, attention.n_heads, attention.n_points) == (3, 8, 4)
+    assert network.strides == [list(s) for s in PAPER_STRIDES]
+    # official fixed offset normalisers, finest level first
+    assert attention._offset_normalizer(torch.zeros(3, 3, dtype=torch.long))[:, 0].tolist() == [64.0, 32.0, 16.0]
+    encoder_alpha, decoder_alpha = deepnorm_alphas(3, 3)
+    assert network.encoder.layers[0].res_scale == pytest.approx(encoder_alpha)
+    assert network.query_decoder.layers[0].res_scale == pytest.approx(3 ** 0.5)
+
+
+@pytest.mark.parametrize("plan_strides, expected", [
+    ([[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2]], [list(s) for s in PAPER_STRIDES]),
+    ([[1, 1, 1], [2, 2, 2], [2, 2, 2]], [[2, 2, 2], [2, 2, 2], [1, 1, 1], [1, 1, 1], [1, 1, 1]]),
+    ([1, 2, 2, 2, 2, 2, 2], [[2, 2, 2]] * 5),
+])
+def test_strides_from_plans(plan_strides, expected):
+    assert strides_from_plans(plan_strides) == expected
+
+
+def test_shapes_on_a_narrow_variant():
+    network = _small().train()
+    network.set_task(1)
+    x = torch.randn(2, 1, *PATCH)
+    assert tuple(network(x).shape) == (2, 2, *PATCH)
+    features = network.backbone(x)
+    assert [tuple(f.shape[2:]) for f in features] == [(8, 16, 16), (4, 8, 8), (2, 4, 4), (2, 2, 2), (2, 2, 2)]
+    encoded = network.encoder.encode([p(f) for p, f in zip(network.input_proj, features[-3:])])
+    assert encoded.spatial_shapes.tolist() == [[2, 4, 4], [2, 2, 2], [2, 2, 2]]
+    assert tuple(network.query_decoder(encoded).shape) == (2, 3, 24)
+
+
+def test_gradient_reaches_task_queries_and_the_decoders_cross_attention():
+    network = _small().train()
+    network.set_task(2)
+    network(torch.randn(2, 1, *PATCH)).square().mean().backward()
+    assert network.query_decoder.query_embed.weight.grad[2].abs().sum() > 0
+    assert network.query_decoder.reference_points.weight.grad.abs().sum() > 0
+    for layer in network.query_decoder.layers:
+        for projection in (layer.cross_attn.sampling_offsets, layer.cross_attn.attention_weights,
+                           layer.cross_attn.value_proj):
+            assert projection.weight.grad is not None and projection.weight.grad.abs().sum() > 0
+    assert network.encoder.layers[0].self_attn.sampling_offsets.weight.grad.abs().sum() > 0
+    assert network.backbone.stem[0].weight.grad.abs().sum() > 0
+
+
+def test_tasks_change_the_output_and_a_mixed_batch_equals_one_task_at_a_time():
+    network = _small().eval()  # no coding: eval returns the sigmoid logits, dropout off
+    x, tasks = torch.randn(3, 1, *PATCH), torch.tensor([2, 0, 1])
+    with torch.no_grad():
+        mixed = network(x, tasks)
+        for b, task in enumerate(tasks.tolist()):
+            network.set_task(task)
+            torch.testing.assert_close(mixed[b:b + 1], network(x[b:b + 1]), rtol=1e-4, atol=1e-5)
+        network.set_task(0)
+        other = network(x[1:2])
+        network.set_task(1)
+        assert not torch.allclose(other, network(x[1:2]), atol=1e-4)
+
+
+def test_eval_mode_returns_masked_class_scores_with_the_coding_rule():
+    coding = SigmoidLabelCoding(synthetic_map(), {"lesion": "liver"})
+    network = _small(3, 3, coding=coding)
+    network.set_task(0)  # liver + kidney: spleen (3) and lesion (4) are not annotated
+    x = torch.randn(2, 1, *PATCH)
+    assert network.train()(x).shape[1] == 3  # training: the sigmoid logits
+    with torch.no_grad():
+        scores = network.eval()(x)
+        assert scores.shape[1] == 5
+        keep = torch.tensor([True, True, True, False, False])
+        assert is_masked(scores, keep)[:, 3:].all() and not is_masked(scores, keep)[:, :3].any()
+        expected = coding.class_logits(network.head_logits(x), torch.zeros(2, dtype=torch.long)).argmax(1)
+    assert torch.equal(scores.argmax(1), expected)
+
+
+# --- trainer ------------------------------------------------------------------------------------
+
+def test_warmup_then_poly_schedule():
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], 2e-4, weight_decay=1e-4)
+    scheduler = WarmupPolyLRScheduler(optimizer, 2e-4, 1000, warmup=10)
+    expected = {0: 2e-6, 5: 2e-4 * (0.01 + 0.99 * 0.5), 9: 2e-4 * (0.01 + 0.99 * 0.9), 10: 2e-4 * 0.99 ** 0.9,
+                500: 2e-4 * 0.5 ** 0.9, 999: 2e-4 * 0.001 ** 0.9}
+    for epoch, lr in expected.items():
+        scheduler.step(epoch)
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(lr, rel=1e-9)
+
+
+def test_optimiser_and_clipping_at_0_1(monkeypatch):
+    """configure_optimizers and train_step on a narrow network; the trainer's data side is not needed."""
+    coding = SigmoidLabelCoding(synthetic_map(), {"lesion": "liver"})
+    trainer = TransDoDNetTrainer.__new__(TransDoDNetTrainer)  # attributes the two methods use, set by hand
+    trainer.initial_lr, trainer.weight_decay, trainer.num_epochs = 2e-4, 1e-4, 1000
+    trainer.device, trainer.grad_scaler = torch.device("cpu"), None
+    trainer.network, trainer.loss = _small(3, 3, coding=coding), DoDNetLoss(coding)
+    trainer.optimizer, trainer.lr_scheduler = trainer.configure_optimizers()
+    group = trainer.optimizer.param_groups[0]
+    assert isinstance(trainer.optimizer, torch.optim.AdamW) and len(trainer.optimizer.param_groups) == 1
+    assert (group["initial_lr"], group["weight_decay"]) == (2e-4, 1e-4)
+    assert group["lr"] == pytest.approx(2e-6)  # epoch 0 of the warm-up: 1% of the lr
+    assert isinstance(trainer.lr_scheduler, WarmupPolyLRScheduler) and trainer.lr_scheduler.warmup == 10
+    assert TransDoDNetTrainer.grad_clip == 0.1
+    norms = []
+    clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, max_norm, *a, **k:
+                        norms.append(max_norm) or clip(params, max_norm, *a, **k))
+    batch = {"data": torch.randn(2, 1, *PATCH), "target": torch.randint(0, 5, (2, 1, *PATCH)), "task_id": 1}
+    before = [p.detach().clone() for p in trainer.network.parameters()]
+    result = trainer.train_step(batch)
+    assert norms == [0.1] and np.isfinite(result["loss"])
+    assert trainer.network.current_task == 1 and trainer.loss.task == 1
+    assert any(not torch.equal(b, p) for b, p in zip(before, trainer.network.parameters()))
+
+
+@pytest.mark.slow  # the universal_root fixture plans and preprocesses (~2 min on a busy 2-core machine)
+def test_trainer_from_the_merged_plans(universal_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("NNUNET_EXT_NESTED_LABELS", "lesion:liver")
+    trainer = load_trainer(universal_root, TransDoDNetTrainer, monkeypatch, tmp_path)
+    assert trainer.enable_deep_supervision is False and trainer.grad_clip == 0.1
+    assert (trainer.initial_lr, trainer.weight_decay, trainer.num_epochs) == (2e-4, 1e-4, 1000)
+    inputs, heads = trainer.task_map.max_channels, trainer.label_manager.num_segmentation_heads
+    network = TransDoDNetTrainer.build_network_architecture(trainer.plans_manager, trainer.configuration_manager,
+                                                            inputs, heads, False)
+    plan_strides = trainer.configuration_manager.network_arch_init_kwargs["strides"]
+    assert isinstance(network, TransDoDNet) and network.strides == strides_from_plans(plan_strides)
+    assert network.head_channels == 3 and network.num_tasks == len(trainer.task_map)
+    network.decoder.deep_supervision = True  # nnU-Net's switch is accepted and changes nothing
+    patch = tuple(trainer.configuration_manager.patch_size)
+    network.set_task(1)
+    assert tuple(network.train()(torch.randn(1, inputs, *patch)).shape) == (1, 3, *patch)
+
+
+@pytest.fixture(scope="module")
+def transdodnet_model(universal_root):
+    env = universal_root.env(epochs=1, iterations=2, NNUNET_EXT_NESTED_LABELS="lesion:liver")
+    run_stock(["nnUNetv2_train", universal_root.dataset_id, "3d_fullres", 0, "-tr", TRAINER, "-device", "cpu"], env)
+    return universal_root.results / universal_root.dataset_name / f"{TRAINER}__nnUNetPlans__3d_fullres"
+
+
+@pytest.mark.slow
+def test_stock_training_and_task_aware_prediction(universal_root, transdodnet_model, tmp_path):
+    checkpoint = compat.read_checkpoint(transdodnet_model / "fold_0" / "checkpoint_final.pth")
+    assert "query_decoder.query_embed.weight" in checkpoint["network_weights"]
+    log = next((transdodnet_model / "fold_0").glob("training_log_*.txt")).read_text()
+    assert "Pseudo dice per task:" in log
+    assert (transdodnet_model / "fold_0" / "validation" / "summary_per_task.json").is_file()
+    source = DEFAULT_SOURCES[1]  # liver + spleen + lesion: the nested task
+    source_folder = next(universal_root.raw.glob(f"Dataset{DEFAULT_DATASET_IDS[1]:03d}_*"))
+    output = tmp_path / "pred"
+    run_stock(["nnunet-ext", "predict", "--task", source.name, "-i", source_folder / "imagesTs", "-o", output,
+               "-d", universal_root.dataset_id, "-f", 0, "-tr", TRAINER, "-device", "cpu", "-npp", 1, "-nps", 1],
+              universal_root.env())
+    labels = set(json.loads((source_folder / "dataset.json").read_text())["labels"].values())
+    references = sorted((source_folder / "labelsTs").glob("*.nii.gz"))
+    assert references
+    for reference in references:
+        predicted = sitk.GetArrayFromImage(sitk.ReadImage(str(output / reference.name)))
+        assert predicted.shape == sitk.GetArrayFromImage(sitk.ReadImage(str(reference))).shape
+        assert set(np.unique(predicted).tolist()) <= labels

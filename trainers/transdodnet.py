@@ -1,0 +1,109 @@
+"""TransDoDNetTrainer: TransDoDNet (TPAMI 2023, github.com/jianpengz/DoDNet, ``TransDoD``) trained by nnU-Net v2.
+
+Everything DoDNet-specific is :class:`nnunet_ext.trainers.dodnet.DoDNetTrainer`'s (merged
+datasets, sigmoid label coding with nested classes, :class:`DoDNetLoss` Dice + BCE, per-task
+validation, no deep supervision - the official ``deep_supervision=False``). This trainer changes:
+
+* network: :class:`nnunet_ext.architectures.transdodnet.TransDoDNet` (paper depth and widths, the
+  plans' strides via its ``strides_from_plans``);
+* optimiser (official ``TransDoD/train.py`` defaults): AdamW lr 2e-4, weight decay 1e-4; the
+  official two parameter groups (transformer / rest) share one lr (``lr_tr_mult`` 1.0), so one
+  group here;
+* schedule: per epoch, linear warm-up from 1% of the lr over the first 10 epochs, then poly 0.9
+  (official ``adjust_learning_rate``): :class:`WarmupPolyLRScheduler`;
+* gradient-norm clipping at 0.1 (official) instead of nnU-Net's 12: nnU-Net hard-codes 12 in
+  ``train_step`` and the base classes expose no hook, so ``train_step`` is overridden with
+  nnU-Net's body and ``grad_clip`` as the only change; AMP (fp16 autocast + GradScaler) on CUDA
+  as nnU-Net's.
+"""
+from __future__ import annotations
+
+import torch
+from torch.optim.lr_scheduler import _LRScheduler
+
+from nnunet_ext import compat
+from nnunet_ext.architectures.transdodnet import TransDoDNet, strides_from_plans
+from nnunet_ext.tasks.task_map import TaskMap
+from nnunet_ext.trainers.dodnet import DoDNetTrainer, coding_from_plans
+from nnunet_ext.trainers.universal import apply_default_task, task_map_from_plans
+
+
+class WarmupPolyLRScheduler(_LRScheduler):
+    """``lr(e) = lr0 * (0.01 + 0.99 * e / warmup)`` for ``e < warmup``, else
+    ``lr0 * (1 - e / max_steps) ** exponent`` (official ``adjust_learning_rate``); nnU-Net calls
+    ``step(epoch)`` at every epoch start, as for its ``PolyLRScheduler``."""
+
+    def __init__(self, optimizer, initial_lr: float, max_steps: int, warmup: int = 10, start_factor: float = 0.01,
+                 exponent: float = 0.9, current_step: int | None = None):
+        self.optimizer, self.initial_lr, self.max_steps = optimizer, initial_lr, max_steps
+        self.warmup, self.start_factor, self.exponent = warmup, start_factor, exponent
+        self.ctr = 0
+        super().__init__(optimizer, current_step if current_step is not None else -1)
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup:
+            return self.initial_lr * (self.start_factor + (1 - self.start_factor) * step / self.warmup)
+        return self.initial_lr * max(0.0, 1 - step / self.max_steps) ** self.exponent
+
+    def step(self, current_step=None):
+        if current_step is None or current_step == -1:
+            current_step = self.ctr
+            self.ctr += 1
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(current_step)
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+    def get_last_lr(self):
+        return self._last_lr
+
+
+class TransDoDNetTrainer(DoDNetTrainer):
+    """TransDoDNet on a merged dataset: DoDNet's data, coding and loss; the official AdamW schedule."""
+
+    grad_clip = 0.1  # official clip_grad_norm_(..., 0.1); nnU-Net: 12
+    warmup_epochs = 10
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.initial_lr, self.weight_decay = 2e-4, 1e-4
+
+    @staticmethod
+    def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
+                                   num_output_channels: int, enable_deep_supervision: bool = True):
+        coding = coding_from_plans(plans_manager)
+        task_map: TaskMap = task_map_from_plans(plans_manager)
+        if num_output_channels != coding.num_classes:
+            raise ValueError(f"nnU-Net asks for {num_output_channels} outputs, the merged label space has "
+                             f"{coding.num_classes} classes")
+        strides = strides_from_plans(configuration_manager.network_arch_init_kwargs["strides"])
+        network = TransDoDNet(num_input_channels, len(task_map), coding.head_channels, strides=strides,
+                              coding=coding, deep_supervision=enable_deep_supervision)
+        apply_default_task(network, task_map)
+        return network
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.network.parameters(), self.initial_lr, weight_decay=self.weight_decay)
+        return optimizer, WarmupPolyLRScheduler(optimizer, self.initial_lr, self.num_epochs, self.warmup_epochs)
+
+    def train_step(self, batch: dict) -> dict:
+        """nnU-Net's ``train_step`` (with the universal base's ``set_task``), clipping at ``grad_clip``."""
+        self.set_task(batch["task_id"])
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
+            else target.to(self.device, non_blocking=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        with compat.training_autocast(self.device):
+            loss = self.loss(self.network(data), target)
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip)
+            self.optimizer.step()
+        return {"loss": loss.detach().cpu().numpy()}
