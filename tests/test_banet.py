@@ -311,6 +311,7 @@ def test_resume_continues_from_the_checkpoint(nnunet_root, banet_pipeline):
     assert not torch.equal(before["network_weights"][key], after["network_weights"][key])
 
 
+@pytest.mark.slow
 def test_stock_pipeline_region_based(tmp_path_factory):
     root = make_region_root(tmp_path_factory.mktemp("banet_regions"))
     result = run_stock_pipeline(root, "BANetTrainer")

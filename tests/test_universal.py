@@ -142,12 +142,12 @@ def test_loader_yields_single_task_batches_with_the_tasks_labels(universal_root,
         values = set(torch.unique(batch["target"][0]).tolist())
         assert values <= {0, *task_map.task(task).annotated_values}, (task, values)
         assert isinstance(batch["target"], list)  # nnU-Net's deep-supervision targets, augmentation ran
-        # the zero-padded channels of a task with fewer channels stay constant (z-scored zeros)
-        padded = batch["data"][:, task_map.task(task).num_channels:]
-        assert padded.numel() == 0 or float(padded.std()) < 1e-3 or task_map.task(task).num_channels == \
-            task_map.max_channels
     assert len(seen) >= 2, seen
-    assert "task_id" in next(validation)
+    for _ in range(6):  # validation (no intensity augmentation): a task's zero-padded channels stay zero
+        batch = next(validation)
+        task = task_map.task(batch["task_id"])
+        padded = batch["data"][:, task.num_channels:]
+        assert padded.numel() == 0 or float(padded.abs().max()) < 1e-6, task.name
     plans = trainer.plans_manager.plans[TASKS_PLANS_KEY]
     assert TaskMap.from_dict(plans) == task_map
 
@@ -205,7 +205,7 @@ def test_stock_predict_without_a_task_points_to_ours(universal_root, trained, tm
         run_stock(command, env)
 
 
-@pytest.mark.parametrize("source_index", [0, 2], ids=["1_channel", "4_channels"])
+@pytest.mark.parametrize("source_index", [pytest.param(0, marks=pytest.mark.slow), 2], ids=["1_channel", "4_channels"])
 def test_task_aware_predict_writes_the_tasks_own_labels(universal_root, trained, tmp_path, source_index):
     folder, _ = trained
     source = DEFAULT_SOURCES[source_index]
