@@ -255,6 +255,21 @@ class SigmoidLabelCoding(nn.Module):
         return self.class_logits(channels.float() * 2 - 1, tasks).argmax(dim=1, keepdim=True)
 
 
+def init_head_conditioning(network: TaskConditioning, num_tasks: int, head_channels: int,
+                           coding: SigmoidLabelCoding | None) -> None:
+    """Task conditioning of a dynamic-head network (DoDNet, TransDoDNet): with a label coding, eval
+    mode masks the merged classes a task does not annotate; without one, outputs are head channels."""
+    if coding is not None:
+        if coding.head_channels != head_channels:
+            raise ValueError(f"head_channels ({head_channels}) must equal the coding's {coding.head_channels}")
+        annotated = [[k == 0 or k in classes for k in range(coding.num_classes)] for classes in coding.task_classes]
+        network.init_task_conditioning(num_tasks, annotated, coding.num_classes)
+    else:
+        network.init_task_conditioning(num_tasks, None, head_channels)
+    network.coding = coding
+    network.keep_head_logits, network.last_head_logits = False, None
+
+
 class DoDNet(TaskConditioning):
     """DoDNet; the task of the batch comes from ``set_task`` (``task_index``) or, optionally, per
     sample from the ``tasks`` forward argument (a ``(B,)`` tensor of task ids).
@@ -278,16 +293,8 @@ class DoDNet(TaskConditioning):
         if features[-1] != features[-2]:
             raise ValueError(f"the bottleneck is added to the last skip: features[-1] must equal features[-2], got "
                              f"{list(features)}")
-        if coding is not None:
-            if coding.head_channels != head_channels:
-                raise ValueError(f"head_channels ({head_channels}) must equal the coding's {coding.head_channels}")
-            annotated = [[k == 0 or k in classes for k in range(coding.num_classes)] for classes in coding.task_classes]
-            self.init_task_conditioning(num_tasks, annotated, coding.num_classes)
-        else:
-            self.init_task_conditioning(num_tasks, None, head_channels)
+        init_head_conditioning(self, num_tasks, head_channels, coding)
         self.input_channels, self.head_channels, self.strides = input_channels, head_channels, strides
-        self.coding = coding
-        self.keep_head_logits, self.last_head_logits = False, None
 
         self.stem = WSConv3d(input_channels, features[0], 3, 1, 1, bias=False)
         self.stages = nn.ModuleList(_stage(features[max(i - 1, 0)], features[i], blocks[i], strides[i])

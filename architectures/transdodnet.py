@@ -60,8 +60,8 @@ from nnunet_ext.architectures.blocks.deformable_attention import (DeformableEnco
                                                                   DeformableTransformerEncoderLayer,
                                                                   EncoderOutput, MultiScaleDeformableAttention3D,
                                                                   split_levels)
-from nnunet_ext.architectures.dodnet import (HEAD_FEATURES, MOTS_TASKS, DoDNet, SigmoidLabelCoding,
-                                             dynamic_head, dynamic_head_sizes)
+from nnunet_ext.architectures.dodnet import (HEAD_FEATURES, MOTS_TASKS, DoDNet, SigmoidLabelCoding, dynamic_head,
+                                             dynamic_head_sizes, init_head_conditioning)
 from nnunet_ext.tasks.conditioning import TaskConditioning
 
 PAPER_STRIDES: tuple[tuple[int, int, int], ...] = ((1, 2, 2),) + ((2, 2, 2),) * 4  # stem, layer 1-4
@@ -273,16 +273,8 @@ class TransDoDNet(TaskConditioning):
                              f"({stem_channels}), got {list(decoder_channels)}")
         if not 1 <= levels <= len(widths):
             raise ValueError(f"levels must be in 1..{len(widths)}, got {levels}")
-        if coding is not None:
-            if coding.head_channels != head_channels:
-                raise ValueError(f"head_channels ({head_channels}) must equal the coding's {coding.head_channels}")
-            annotated = [[k == 0 or k in classes for k in range(coding.num_classes)] for classes in coding.task_classes]
-            self.init_task_conditioning(num_tasks, annotated, coding.num_classes)
-        else:
-            self.init_task_conditioning(num_tasks, None, head_channels)
+        init_head_conditioning(self, num_tasks, head_channels, coding)
         self.input_channels, self.head_channels, self.strides = input_channels, head_channels, strides
-        self.coding = coding
-        self.keep_head_logits, self.last_head_logits = False, None
         self.levels = levels
 
         self.backbone = ResNet3D(input_channels, strides, blocks, widths, stem_channels, expansion)

@@ -50,6 +50,22 @@ def coding_from_plans(plans_manager) -> SigmoidLabelCoding:
     return SigmoidLabelCoding(task_map_from_plans(plans_manager), nested)
 
 
+def build_dynamic_head_network(network_class, strides_rule, plans_manager, configuration_manager,
+                               num_input_channels: int, num_output_channels: int, enable_deep_supervision: bool):
+    """DoDNet or TransDoDNet from a merged dataset's plans: task map and label coding from the plans,
+    strides from the plans' U-Net (``strides_rule``), the default task from ``NNUNET_EXT_TASK``."""
+    coding = coding_from_plans(plans_manager)
+    task_map: TaskMap = task_map_from_plans(plans_manager)
+    if num_output_channels != coding.num_classes:
+        raise ValueError(f"nnU-Net asks for {num_output_channels} outputs, the merged label space has "
+                         f"{coding.num_classes} classes")
+    strides = strides_rule(configuration_manager.network_arch_init_kwargs["strides"])
+    network = network_class(num_input_channels, len(task_map), coding.head_channels, strides=strides, coding=coding,
+                            deep_supervision=enable_deep_supervision)
+    apply_default_task(network, task_map)
+    return network
+
+
 class DoDNetLoss(nn.Module):
     """Official Dice + BCE over the task's sigmoid channels, computed per sample and channel.
 
@@ -105,16 +121,8 @@ class DoDNetTrainer(nnUNetUniversalTrainer):
     @staticmethod
     def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
                                    num_output_channels: int, enable_deep_supervision: bool = True):
-        coding = coding_from_plans(plans_manager)
-        task_map: TaskMap = task_map_from_plans(plans_manager)
-        if num_output_channels != coding.num_classes:
-            raise ValueError(f"nnU-Net asks for {num_output_channels} outputs, the merged label space has "
-                             f"{coding.num_classes} classes")
-        strides = strides_from_plans(configuration_manager.network_arch_init_kwargs["strides"])
-        network = DoDNet(num_input_channels, len(task_map), coding.head_channels, strides=strides, coding=coding,
-                         deep_supervision=enable_deep_supervision)
-        apply_default_task(network, task_map)
-        return network
+        return build_dynamic_head_network(DoDNet, strides_from_plans, plans_manager, configuration_manager,
+                                          num_input_channels, num_output_channels, enable_deep_supervision)
 
     def _build_loss(self):
         return DoDNetLoss(coding_from_plans(self.plans_manager), self.task_map.ignore_value)

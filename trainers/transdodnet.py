@@ -23,9 +23,7 @@ from torch.optim.lr_scheduler import _LRScheduler
 
 from nnunet_ext import compat
 from nnunet_ext.architectures.transdodnet import TransDoDNet, strides_from_plans
-from nnunet_ext.tasks.task_map import TaskMap
-from nnunet_ext.trainers.dodnet import DoDNetTrainer, coding_from_plans
-from nnunet_ext.trainers.universal import apply_default_task, task_map_from_plans
+from nnunet_ext.trainers.dodnet import DoDNetTrainer, build_dynamic_head_network
 
 
 class WarmupPolyLRScheduler(_LRScheduler):
@@ -71,16 +69,8 @@ class TransDoDNetTrainer(DoDNetTrainer):
     @staticmethod
     def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
                                    num_output_channels: int, enable_deep_supervision: bool = True):
-        coding = coding_from_plans(plans_manager)
-        task_map: TaskMap = task_map_from_plans(plans_manager)
-        if num_output_channels != coding.num_classes:
-            raise ValueError(f"nnU-Net asks for {num_output_channels} outputs, the merged label space has "
-                             f"{coding.num_classes} classes")
-        strides = strides_from_plans(configuration_manager.network_arch_init_kwargs["strides"])
-        network = TransDoDNet(num_input_channels, len(task_map), coding.head_channels, strides=strides,
-                              coding=coding, deep_supervision=enable_deep_supervision)
-        apply_default_task(network, task_map)
-        return network
+        return build_dynamic_head_network(TransDoDNet, strides_from_plans, plans_manager, configuration_manager,
+                                          num_input_channels, num_output_channels, enable_deep_supervision)
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.network.parameters(), self.initial_lr, weight_decay=self.weight_decay)
