@@ -8,7 +8,7 @@ import torch
 
 from nnunet_ext import compat
 from nnunet_ext.testing.harness import run_stock
-from nnunet_ext.trainers.base import METHOD_STATE_KEY, nnUNetExtTrainer, short_run_overrides
+from nnunet_ext.trainers.base import METHOD_STATE_KEY, NNUNET_GRAD_CLIP, nnUNetExtTrainer, short_run_overrides
 
 
 def test_short_run_overrides_read_the_three_variables():
@@ -39,6 +39,42 @@ class _TrainerWithState(nnUNetExtTrainer):
     def load_method_state(self, state: dict) -> None:
         self.ramp_step = state["ramp_step"]
         self.task_map = dict(state["task_map"])
+
+
+def _bare_trainer(monkeypatch, grad_clip):
+    """An nnUNetExtTrainer without a dataset: a linear 'network', an MSE 'loss', plain SGD."""
+    monkeypatch.setattr(compat.base_trainer_class(), "__init__", lambda self, *args, **kwargs: None)
+    trainer = nnUNetExtTrainer({}, "3d_fullres", 0, {}, torch.device("cpu"))
+    trainer.device, trainer.grad_scaler, trainer.grad_clip = torch.device("cpu"), None, grad_clip
+    trainer.network = torch.nn.Linear(2, 1)
+    trainer.loss = lambda output, target: 1000 * ((output - target) ** 2).mean()
+    trainer.optimizer = torch.optim.SGD(trainer.network.parameters(), lr=0.0)
+    return trainer
+
+
+def test_grad_clip_12_runs_nnunets_own_step(monkeypatch):
+    calls = []
+    monkeypatch.setattr(compat.base_trainer_class(), "train_step", lambda self, batch: calls.append(batch) or {})
+    trainer = _bare_trainer(monkeypatch, NNUNET_GRAD_CLIP)
+    batch = {"data": torch.ones(1, 2), "target": torch.zeros(1, 1)}
+    trainer.train_step(batch)
+    assert calls == [batch]
+
+
+@pytest.mark.parametrize("grad_clip", [0.1, None])
+def test_other_grad_clip_values_clip_at_that_norm_or_not_at_all(monkeypatch, grad_clip):
+    clipped = []
+    clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda parameters, max_norm, *a, **k:
+                        clipped.append(max_norm) or clip(parameters, max_norm, *a, **k))
+    trainer = _bare_trainer(monkeypatch, grad_clip)
+    result = trainer.train_step({"data": torch.ones(1, 2), "target": torch.full((1, 1), 50.0)})
+    norm = torch.cat([p.grad.flatten() for p in trainer.network.parameters()]).norm().item()
+    assert result["loss"] > 0
+    if grad_clip is None:
+        assert clipped == [] and norm > 12
+    else:
+        assert clipped == [grad_clip] and norm == pytest.approx(grad_clip, rel=1e-4)
 
 
 def _make_trainer(root, cls, monkeypatch):

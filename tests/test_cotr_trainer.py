@@ -27,6 +27,7 @@ from nnunet_ext.plans.cotr import (COTR_CLASS_NAME, COTR_PLANS, CoTrPlanner, CoT
                                    cotr_strides, minimum_shape, total_stride)
 from nnunet_ext.testing.harness import (NnUNetRoot, check_pipeline_outputs, make_nnunet_root, run_stock,
                                         run_stock_pipeline)
+from nnunet_ext.trainers.base import NNUNET_GRAD_CLIP, nnUNetExtTrainer
 from nnunet_ext.trainers.cotr import (CoTrTrainer, deep_supervision_weights,
                                       strides_from_pool_op_kernel_sizes)
 
@@ -216,9 +217,9 @@ def test_schedule_is_the_papers(cotr_root, tmp_path):
     assert (group["lr"], group["momentum"], group["nesterov"], group["weight_decay"]) == (1e-2, 0.99, True, 3e-5)
     assert type(scheduler).__name__ == "PolyLRScheduler" and scheduler.exponent == 0.9
     assert scheduler.max_steps == 1000
-    # gradient clipping at 12 is nnU-Net's train_step, which CoTrTrainer inherits unchanged
-    assert CoTrTrainer.train_step is compat.base_trainer_class().train_step
-    assert "clip_grad_norm_(self.network.parameters(), 12)" in inspect.getsource(CoTrTrainer.train_step)
+    # gradient clipping at 12 is nnU-Net's train_step, which the base runs unchanged at grad_clip 12
+    assert CoTrTrainer.train_step is nnUNetExtTrainer.train_step and CoTrTrainer.grad_clip == NNUNET_GRAD_CLIP
+    assert "clip_grad_norm_(self.network.parameters(), 12)" in inspect.getsource(compat.base_trainer_class().train_step)
 
 
 @pytest.mark.parametrize("plans_name", [CPU_PLANS, "nnUNetPlans"])

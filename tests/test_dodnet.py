@@ -5,19 +5,16 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
-import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
 from nnunet_ext import compat
 from nnunet_ext.architectures.dodnet import (DoDNet, SigmoidLabelCoding, WSConv3d, dynamic_head, paper_dodnet,
                                              strides_from_plans)
-from nnunet_ext.datasets.multi_dataset import DEFAULT_DATASET_IDS, DEFAULT_SOURCES
 from nnunet_ext.tasks.conditioning import is_masked
 from nnunet_ext.tasks.task_map import TaskMap, TaskMapError
-from nnunet_ext.testing.harness import NnUNetRoot, load_trainer, run_stock
+from nnunet_ext.testing.harness import NnUNetRoot, load_trainer, predict_task_and_check, train_stock
 from nnunet_ext.trainers.dodnet import DODNET_PLANS_KEY, DoDNetLoss, DoDNetTrainer, parse_nested
 
 TRAINER = "DoDNetTrainer"
@@ -265,9 +262,7 @@ def test_schedule_and_network_from_the_merged_plans(universal_root, tmp_path, mo
 
 @pytest.fixture(scope="module")
 def dodnet_model(universal_root):
-    env = universal_root.env(epochs=1, iterations=2, NNUNET_EXT_NESTED_LABELS="lesion:liver")
-    run_stock(["nnUNetv2_train", universal_root.dataset_id, "3d_fullres", 0, "-tr", TRAINER, "-device", "cpu"], env)
-    return universal_root.results / universal_root.dataset_name / f"{TRAINER}__nnUNetPlans__3d_fullres"
+    return train_stock(universal_root, TRAINER, NNUNET_EXT_NESTED_LABELS="lesion:liver")
 
 
 @pytest.mark.slow
@@ -279,16 +274,4 @@ def test_stock_training_and_task_aware_prediction(universal_root, dodnet_model, 
     log = next((dodnet_model / "fold_0").glob("training_log_*.txt")).read_text()
     assert "Pseudo dice per task:" in log  # nnU-Net's per-batch validation ran on the class scores
     assert (dodnet_model / "fold_0" / "validation" / "summary_per_task.json").is_file()
-    source = DEFAULT_SOURCES[1]  # liver + spleen + lesion: the nested task
-    source_folder = next(universal_root.raw.glob(f"Dataset{DEFAULT_DATASET_IDS[1]:03d}_*"))
-    output = tmp_path / "pred"
-    run_stock(["nnunet-ext", "predict", "--task", source.name, "-i", source_folder / "imagesTs", "-o", output,
-               "-d", universal_root.dataset_id, "-f", 0, "-tr", TRAINER, "-device", "cpu", "-npp", 1, "-nps", 1],
-              universal_root.env())
-    labels = set(json.loads((source_folder / "dataset.json").read_text())["labels"].values())
-    references = sorted((source_folder / "labelsTs").glob("*.nii.gz"))
-    assert references
-    for reference in references:
-        predicted = sitk.GetArrayFromImage(sitk.ReadImage(str(output / reference.name)))
-        assert predicted.shape == sitk.GetArrayFromImage(sitk.ReadImage(str(reference))).shape
-        assert set(np.unique(predicted).tolist()) <= labels
+    predict_task_and_check(universal_root, TRAINER, 1, tmp_path / "pred")  # liver + spleen + lesion: the nested task

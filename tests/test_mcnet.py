@@ -239,7 +239,7 @@ def test_paper_optimiser_constant_lr_and_15000_iterations(monkeypatch):
 
     monkeypatch.setattr(nnUNetSemiSupervisedTrainer, "__init__", lambda self, *args, **kwargs: None)
     trainer = MCNetPlusTrainer({}, "3d_fullres", 0, {}, torch.device("cpu"))
-    assert trainer.enable_deep_supervision is False and trainer.clip_gradients is False
+    assert trainer.enable_deep_supervision is False and trainer.grad_clip is None
     assert trainer.num_epochs * trainer.num_iterations_per_epoch == 15_000
     trainer.network = MCNet(1, 2, strides=[[2, 2, 2]], base_filters=4)
     optimizer, scheduler = trainer.configure_optimizers()

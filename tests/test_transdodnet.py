@@ -4,11 +4,9 @@ scores, the official optimiser / warm-up + poly schedule / clipping, and a stock
 predict on the merged synthetic dataset (slow)."""
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 import torch
 
 from nnunet_ext import compat
@@ -16,9 +14,8 @@ from nnunet_ext.architectures.blocks.deformable_attention import MultiScaleDefor
 from nnunet_ext.architectures.dodnet import SigmoidLabelCoding
 from nnunet_ext.architectures.transdodnet import (PAPER_STRIDES, TransDoDAttention, TransDoDNet, deepnorm_alphas,
                                                   paper_transdodnet, strides_from_plans)
-from nnunet_ext.datasets.multi_dataset import DEFAULT_DATASET_IDS, DEFAULT_SOURCES
 from nnunet_ext.tasks.conditioning import is_masked
-from nnunet_ext.testing.harness import load_trainer, run_stock
+from nnunet_ext.testing.harness import load_trainer, predict_task_and_check, train_stock
 from nnunet_ext.trainers.dodnet import DoDNetLoss
 from nnunet_ext.trainers.transdodnet import TransDoDNetTrainer, WarmupPolyLRScheduler
 from test_dodnet import synthetic_map
@@ -179,9 +176,7 @@ def test_trainer_from_the_merged_plans(universal_root, tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def transdodnet_model(universal_root):
-    env = universal_root.env(epochs=1, iterations=2, NNUNET_EXT_NESTED_LABELS="lesion:liver")
-    run_stock(["nnUNetv2_train", universal_root.dataset_id, "3d_fullres", 0, "-tr", TRAINER, "-device", "cpu"], env)
-    return universal_root.results / universal_root.dataset_name / f"{TRAINER}__nnUNetPlans__3d_fullres"
+    return train_stock(universal_root, TRAINER, NNUNET_EXT_NESTED_LABELS="lesion:liver")
 
 
 @pytest.mark.slow
@@ -191,16 +186,4 @@ def test_stock_training_and_task_aware_prediction(universal_root, transdodnet_mo
     log = next((transdodnet_model / "fold_0").glob("training_log_*.txt")).read_text()
     assert "Pseudo dice per task:" in log
     assert (transdodnet_model / "fold_0" / "validation" / "summary_per_task.json").is_file()
-    source = DEFAULT_SOURCES[1]  # liver + spleen + lesion: the nested task
-    source_folder = next(universal_root.raw.glob(f"Dataset{DEFAULT_DATASET_IDS[1]:03d}_*"))
-    output = tmp_path / "pred"
-    run_stock(["nnunet-ext", "predict", "--task", source.name, "-i", source_folder / "imagesTs", "-o", output,
-               "-d", universal_root.dataset_id, "-f", 0, "-tr", TRAINER, "-device", "cpu", "-npp", 1, "-nps", 1],
-              universal_root.env())
-    labels = set(json.loads((source_folder / "dataset.json").read_text())["labels"].values())
-    references = sorted((source_folder / "labelsTs").glob("*.nii.gz"))
-    assert references
-    for reference in references:
-        predicted = sitk.GetArrayFromImage(sitk.ReadImage(str(output / reference.name)))
-        assert predicted.shape == sitk.GetArrayFromImage(sitk.ReadImage(str(reference))).shape
-        assert set(np.unique(predicted).tolist()) <= labels
+    predict_task_and_check(universal_root, TRAINER, 1, tmp_path / "pred")  # liver + spleen + lesion: the nested task

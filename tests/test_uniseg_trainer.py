@@ -2,18 +2,15 @@
 predict, and the prompt coming back from the checkpoint."""
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 import torch
 
 from nnunet_ext import compat
 from nnunet_ext.architectures.uniseg import UniSeg
-from nnunet_ext.datasets.multi_dataset import DEFAULT_DATASET_IDS, DEFAULT_SOURCES
 from nnunet_ext.tasks.task_map import TaskMap
-from nnunet_ext.testing.harness import NnUNetRoot, load_trainer, run_stock
+from nnunet_ext.testing.harness import NnUNetRoot, load_trainer, predict_task_and_check, train_stock
 from nnunet_ext.trainers.uniseg import ITERATIONS_PER_TASK, UniSegTrainer
 from nnunet_ext.trainers.universal import TASKS_PLANS_KEY
 
@@ -63,9 +60,7 @@ def test_network_follows_the_merged_plans(universal_root, tmp_path, monkeypatch)
 
 @pytest.fixture(scope="module")
 def uniseg_model(universal_root):
-    env = universal_root.env(epochs=1, iterations=2)
-    run_stock(["nnUNetv2_train", universal_root.dataset_id, "3d_fullres", 0, "-tr", TRAINER, "-device", "cpu"], env)
-    return universal_root.results / universal_root.dataset_name / f"{TRAINER}__nnUNetPlans__3d_fullres"
+    return train_stock(universal_root, TRAINER)
 
 
 def test_stock_training_and_task_aware_prediction(universal_root, uniseg_model, tmp_path):
@@ -73,17 +68,7 @@ def test_stock_training_and_task_aware_prediction(universal_root, uniseg_model, 
     assert "prompt" in checkpoint["network_weights"]
     assert "task_map" in checkpoint["nnunet_ext_state"]
     assert (uniseg_model / "fold_0" / "validation" / "summary_per_task.json").is_file()
-    source = DEFAULT_SOURCES[1]  # 2 channels, liver + spleen + lesion
-    source_folder = next(universal_root.raw.glob(f"Dataset{DEFAULT_DATASET_IDS[1]:03d}_*"))
-    output = tmp_path / "pred"
-    run_stock(["nnunet-ext", "predict", "--task", source.name, "-i", source_folder / "imagesTs", "-o", output,
-               "-d", universal_root.dataset_id, "-f", 0, "-tr", TRAINER, "-device", "cpu", "-npp", 1, "-nps", 1],
-              universal_root.env())
-    labels = set(json.loads((source_folder / "dataset.json").read_text())["labels"].values())
-    for reference in sorted((source_folder / "labelsTs").glob("*.nii.gz")):
-        predicted = sitk.GetArrayFromImage(sitk.ReadImage(str(output / reference.name)))
-        assert predicted.shape == sitk.GetArrayFromImage(sitk.ReadImage(str(reference))).shape
-        assert set(np.unique(predicted).tolist()) <= labels
+    predict_task_and_check(universal_root, TRAINER, 1, tmp_path / "pred")  # 2 channels, liver + spleen + lesion
 
 
 def test_resume_restores_the_prompt_and_task_map(universal_root, uniseg_model, tmp_path, monkeypatch):

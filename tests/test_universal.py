@@ -6,9 +6,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pytest
-import SimpleITK as sitk
 import torch
 from torch import nn
 
@@ -19,7 +17,7 @@ from nnunet_ext.tasks.conditioning import TaskNotSetError, is_masked
 from nnunet_ext.tasks.sampling import task_probabilities
 from nnunet_ext.tasks.task_map import TaskMap, TaskMapError
 from nnunet_ext.testing.harness import UNIVERSAL_DATASET_ID as MERGED_ID
-from nnunet_ext.testing.harness import NnUNetRoot, load_trainer, run_stock
+from nnunet_ext.testing.harness import NnUNetRoot, load_trainer, predict_task_and_check, run_stock
 from nnunet_ext.trainers.universal import (TASKS_PLANS_KEY, TaskConditionedNetwork, nnUNetUniversalTrainer,
                                            summarise)
 
@@ -208,20 +206,9 @@ def test_stock_predict_without_a_task_points_to_ours(universal_root, trained, tm
 @pytest.mark.parametrize("source_index", [pytest.param(0, marks=pytest.mark.slow), 2], ids=["1_channel", "4_channels"])
 def test_task_aware_predict_writes_the_tasks_own_labels(universal_root, trained, tmp_path, source_index):
     folder, _ = trained
-    source = DEFAULT_SOURCES[source_index]
-    source_folder = next(universal_root.raw.glob(f"Dataset{DEFAULT_DATASET_IDS[source_index]:03d}_*"))
     output = tmp_path / "pred"
-    run_stock(["nnunet-ext", "predict", "--task", source.name, "-i", source_folder / "imagesTs", "-o", output,
-               "-d", MERGED_ID, "-c", "3d_fullres", "-f", 0, "-tr", TRAINER, "-device", "cpu", "-npp", 1, "-nps", 1],
-              universal_root.env())
+    source_folder = predict_task_and_check(universal_root, TRAINER, source_index, output)
     source_json = json.loads((source_folder / "dataset.json").read_text())
-    references = sorted((source_folder / "labelsTs").glob("*.nii.gz"))
-    assert references
-    for reference in references:
-        predicted = sitk.ReadImage(str(output / reference.name))
-        ref = sitk.ReadImage(str(reference))
-        assert predicted.GetSize() == ref.GetSize() and np.allclose(predicted.GetSpacing(), ref.GetSpacing())
-        assert set(np.unique(sitk.GetArrayFromImage(predicted)).tolist()) <= set(source_json["labels"].values())
     written = json.loads((output / "dataset.json").read_text())
     assert written["labels"] == source_json["labels"]
     run_stock(["nnUNetv2_evaluate_folder", source_folder / "labelsTs", output, "-djfile", output / "dataset.json",

@@ -7,6 +7,11 @@
 2. Method state in checkpoints: a method trainer returns its extra state (task maps, ramp-up
    step, ...) from ``method_state`` and restores it in ``load_method_state``; it is saved under
    the key ``nnunet_ext_state`` of every checkpoint nnU-Net writes and comes back on ``--c``.
+3. One place for the optimiser step: nnU-Net hard-codes gradient-norm clipping at 12 inside
+   ``train_step``. A method whose paper clips differently (TransDoDNet 0.1) or not at all (MC-Net+)
+   sets ``grad_clip``; ``optimizer_step`` is the backward/scale/clip/step sequence that every
+   custom step of ours (semi-supervised passes, LeFeD's inner passes) shares. With
+   ``grad_clip == 12`` nnU-Net's own ``train_step`` runs unchanged.
 
 The constructor is nnUNetTrainer's, unchanged (nnU-Net re-creates trainers from it).
 """
@@ -14,11 +19,14 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from nnunet_ext import compat
 
 nnUNetTrainer = compat.base_trainer_class()
 
 METHOD_STATE_KEY = "nnunet_ext_state"
+NNUNET_GRAD_CLIP = 12.0  # the max norm nnU-Net's train_step clips at
 SHORT_RUN_VARIABLES = {
     "NNUNET_EXT_NUM_EPOCHS": "num_epochs",
     "NNUNET_EXT_ITERS_PER_EPOCH": "num_iterations_per_epoch",
@@ -47,12 +55,49 @@ def short_run_overrides(environ=os.environ) -> dict[str, int]:
 class nnUNetExtTrainer(nnUNetTrainer):
     """nnU-Net's default trainer with nnunet-ext's short-run variables and checkpointed method state."""
 
+    #: max gradient norm of a step; None: no clipping. nnU-Net's own ``train_step`` runs at 12.
+    grad_clip: float | None = NNUNET_GRAD_CLIP
+
     def initialize(self):
         for attribute, value in short_run_overrides().items():
             self.print_to_log_file(f"nnunet-ext: {attribute} = {value} (was {getattr(self, attribute)}), "
                                    f"set by the environment")
             setattr(self, attribute, value)
         super().initialize()
+
+    def train_step(self, batch: dict) -> dict:
+        if self.grad_clip == NNUNET_GRAD_CLIP:
+            return super().train_step(batch)  # nnU-Net's step, unchanged
+        data, target = self.batch_to_device(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        with compat.training_autocast(self.device):
+            loss = self.loss(self.network(data), target)
+        self.optimizer_step(loss)
+        return {"loss": loss.detach().cpu().numpy()}
+
+    def batch_to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | list[torch.Tensor]]:
+        """``batch["data"]`` and ``batch["target"]`` (a list under deep supervision) on the trainer's device."""
+        target = batch["target"]
+        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
+            else target.to(self.device, non_blocking=True)
+        return batch["data"].to(self.device, non_blocking=True), target
+
+    def optimizer_step(self, loss: torch.Tensor) -> None:
+        """Backward and step as nnU-Net's ``train_step``: gradient scaling under AMP, the gradient norm
+        clipped at ``grad_clip`` (skipped when it is None)."""
+        parameters = self.network.parameters()
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            if self.grad_clip is not None:
+                self.grad_scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(parameters, self.grad_clip)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            loss.backward()
+            if self.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(parameters, self.grad_clip)
+            self.optimizer.step()
 
     def method_state(self) -> dict:
         """State a method must keep across ``--c`` besides weights/optimiser; override in methods."""

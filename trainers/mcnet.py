@@ -26,7 +26,7 @@ Batches: the semi-supervised base's 2 labelled + 2 unlabelled patches, one forwa
 
 Optimiser (paper): SGD lr 0.01, momentum 0.9, weight decay 1e-4, no Nesterov, constant learning
 rate (nnU-Net's PolyLRScheduler with exponent 0, so nnU-Net's per-epoch ``step`` and logging work),
-no gradient clipping (official; ``clip_gradients = True`` restores the base's nnU-Net clipping at 12).
+no gradient clipping (official: ``grad_clip = None``; 12 restores nnU-Net's clipping).
 Schedule: the official 15,000 iterations = 60 epochs x 250 iterations (nnU-Net's per-epoch
 validation and checkpoints in between; ``NNUNET_EXT_*`` short-run variables still apply).
 
@@ -107,7 +107,7 @@ class MCNetPlusTrainer(nnUNetSemiSupervisedTrainer):
     consistency_rampup = 40.0
     rampup_every = 150  # iterations per ramp-up step
     temperature = 0.1
-    clip_gradients = False  # official: none
+    grad_clip = None  # official: no gradient clipping
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -158,17 +158,6 @@ class MCNetPlusTrainer(nnUNetSemiSupervisedTrainer):
     def compute_loss(self, outputs, target, labeled_count: int) -> torch.Tensor:
         supervised, consistency = self.loss_terms(outputs, target, labeled_count)
         return self.supervised_weight * supervised + self.consistency_weight() * consistency
-
-    def optimizer_step(self, loss: torch.Tensor) -> None:
-        if self.clip_gradients:
-            return super().optimizer_step(loss)
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(loss).backward()
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
-        else:
-            loss.backward()
-            self.optimizer.step()
 
     def on_train_epoch_start(self):
         super().on_train_epoch_start()

@@ -216,10 +216,7 @@ class nnUNetSemiSupervisedTrainer(nnUNetExtTrainer):
 
     def train_step(self, batch: dict) -> dict:
         """nnU-Net's step structure around ``compute_loss``; counts ``training_iteration``."""
-        data = batch["data"].to(self.device, non_blocking=True)
-        target = batch["target"]
-        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
-            else target.to(self.device, non_blocking=True)
+        data, target = self.batch_to_device(batch)
         labeled_count = int(batch["labeled_count"])
         self.optimizer.zero_grad(set_to_none=True)
         with compat.training_autocast(self.device):
@@ -228,19 +225,6 @@ class nnUNetSemiSupervisedTrainer(nnUNetExtTrainer):
         self.optimizer_step(loss)
         self.training_iteration += 1
         return {"loss": loss.detach().cpu().numpy()}
-
-    def optimizer_step(self, loss: torch.Tensor) -> None:
-        """Backward and step as nnU-Net: gradient scaling under AMP, gradient norm clipped at 12."""
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(loss).backward()
-            self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
-        else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.optimizer.step()
 
     # --- state across --c -----------------------------------------------------------------------
     def method_state(self) -> dict:

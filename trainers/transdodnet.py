@@ -11,17 +11,14 @@ validation, no deep supervision - the official ``deep_supervision=False``). This
   group here;
 * schedule: per epoch, linear warm-up from 1% of the lr over the first 10 epochs, then poly 0.9
   (official ``adjust_learning_rate``): :class:`WarmupPolyLRScheduler`;
-* gradient-norm clipping at 0.1 (official) instead of nnU-Net's 12: nnU-Net hard-codes 12 in
-  ``train_step`` and the base classes expose no hook, so ``train_step`` is overridden with
-  nnU-Net's body and ``grad_clip`` as the only change; AMP (fp16 autocast + GradScaler) on CUDA
-  as nnU-Net's.
+* gradient-norm clipping at 0.1 (official) instead of nnU-Net's 12: the base trainer's
+  ``grad_clip`` (its step is nnU-Net's, AMP with fp16 autocast + GradScaler on CUDA included).
 """
 from __future__ import annotations
 
 import torch
 from torch.optim.lr_scheduler import _LRScheduler
 
-from nnunet_ext import compat
 from nnunet_ext.architectures.transdodnet import TransDoDNet, strides_from_plans
 from nnunet_ext.trainers.dodnet import DoDNetTrainer, build_dynamic_head_network
 
@@ -75,25 +72,3 @@ class TransDoDNetTrainer(DoDNetTrainer):
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.network.parameters(), self.initial_lr, weight_decay=self.weight_decay)
         return optimizer, WarmupPolyLRScheduler(optimizer, self.initial_lr, self.num_epochs, self.warmup_epochs)
-
-    def train_step(self, batch: dict) -> dict:
-        """nnU-Net's ``train_step`` (with the universal base's ``set_task``), clipping at ``grad_clip``."""
-        self.set_task(batch["task_id"])
-        data = batch["data"].to(self.device, non_blocking=True)
-        target = batch["target"]
-        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
-            else target.to(self.device, non_blocking=True)
-        self.optimizer.zero_grad(set_to_none=True)
-        with compat.training_autocast(self.device):
-            loss = self.loss(self.network(data), target)
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(loss).backward()
-            self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip)
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
-        else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip)
-            self.optimizer.step()
-        return {"loss": loss.detach().cpu().numpy()}

@@ -140,6 +140,40 @@ def plan_and_preprocess(root: NnUNetRoot, configuration: str = "3d_fullres", pla
                "--verify_dataset_integrity"], root.env())
 
 
+def train_stock(root: NnUNetRoot, trainer: str, configuration: str = "3d_fullres", fold: int = 0,
+                plans: str = "nnUNetPlans", epochs: int = 1, iterations: int = 2, **env: str) -> Path:
+    """``nnUNetv2_train`` on CPU with a short schedule (``env`` adds variables); returns the model folder."""
+    run_stock(["nnUNetv2_train", root.dataset_id, configuration, fold, "-tr", trainer, "-p", plans, "-device", "cpu"],
+              root.env(epochs=epochs, iterations=iterations, **env))
+    return root.results / root.dataset_name / f"{trainer}__{plans}__{configuration}"
+
+
+def predict_task_and_check(root: NnUNetRoot, trainer: str, source_index: int, output: Path,
+                           configuration: str = "3d_fullres", fold: int = 0) -> Path:
+    """``nnunet-ext predict --task`` on one source dataset of the universal family, then checks that
+    every test case got a prediction on its reference's grid holding only the source's own label
+    values. Returns the source dataset's raw folder (for further checks by the caller)."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from nnunet_ext.datasets.multi_dataset import DEFAULT_DATASET_IDS, DEFAULT_SOURCES
+
+    source_folder = next(root.raw.glob(f"Dataset{DEFAULT_DATASET_IDS[source_index]:03d}_*"))
+    run_stock(["nnunet-ext", "predict", "--task", DEFAULT_SOURCES[source_index].name, "-i", source_folder / "imagesTs",
+               "-o", output, "-d", root.dataset_id, "-c", configuration, "-f", fold, "-tr", trainer,
+               "-device", "cpu", "-npp", 1, "-nps", 1], root.env())
+    labels = set(json.loads((source_folder / "dataset.json").read_text())["labels"].values())
+    references = sorted((source_folder / "labelsTs").glob("*.nii.gz"))
+    assert references, f"no test labels in {source_folder}"
+    for reference in references:
+        predicted, expected = sitk.ReadImage(str(output / reference.name)), sitk.ReadImage(str(reference))
+        assert predicted.GetSize() == expected.GetSize(), reference.name
+        assert np.allclose(predicted.GetSpacing(), expected.GetSpacing()), reference.name
+        values = set(np.unique(sitk.GetArrayFromImage(predicted)).tolist())
+        assert values <= labels, f"{reference.name}: labels {values - labels} are not the task's {sorted(labels)}"
+    return source_folder
+
+
 @dataclass(frozen=True)
 class PipelineResult:
     trainer: str
