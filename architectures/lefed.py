@@ -34,16 +34,17 @@ validation), decoder 1's logits only, computed in one pass without decoder 2 or 
 Parameters (LA: 1 channel, 2 classes): 12,348,718 = encoder 7,376,896 + decoder 1 2,071,970 +
 decoder 2 2,898,850 + side heads 1,002, as METHODS.md.
 
-Shared later: the V-Net blocks here (``VNetConvStage``, ``VNetDown``, ``VNetUp``) duplicate what
-the MC-Net+ module needs; they could move to ``architectures/blocks`` once both have landed.
+The V-Net blocks (stages, downsampling, upsampling) are ``architectures/blocks/vnet.py``'s, shared
+with MC-Net+.
 """
 from __future__ import annotations
 
 from typing import NamedTuple, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from nnunet_ext.architectures.blocks.vnet import VNetConvStage, VNetDown, VNetUp, upsample, vnet_ops
 
 ISOTROPIC_STRIDES = ((2, 2, 2),) * 4
 ENCODER_CONVS = (1, 2, 3, 3, 3)  # conv layers per encoder stage, full resolution first (official)
@@ -59,14 +60,6 @@ class LeFeDOutput(NamedTuple):
     side: list[torch.Tensor]
     features1: list[torch.Tensor]
     features2: list[torch.Tensor]
-
-
-def _ops(dim: int):
-    if dim == 3:
-        return nn.Conv3d, nn.ConvTranspose3d, nn.BatchNorm3d, nn.Dropout3d, "trilinear"
-    if dim == 2:
-        return nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d, nn.Dropout2d, "bilinear"
-    raise ValueError(f"LeFeD is built for 2D or 3D strides, got {dim}D")
 
 
 def vnet_strides(plan_strides: Sequence[Sequence[int] | int], dim: int | None = None) -> tuple[tuple[int, ...], ...]:
@@ -86,56 +79,9 @@ def vnet_strides(plan_strides: Sequence[Sequence[int] | int], dim: int | None = 
     return tuple(steps + [(1,) * dim] * (4 - len(steps)))
 
 
-class VNetConvStage(nn.Sequential):
-    """``n`` x (3x3(x3) conv with bias, BatchNorm, ReLU): a V-Net stage (non-residual, as official)."""
-
-    def __init__(self, n: int, in_channels: int, out_channels: int, dim: int = 3):
-        conv, _, norm, _, _ = _ops(dim)
-        layers: list[nn.Module] = []
-        for i in range(n):
-            layers += [conv(in_channels if i == 0 else out_channels, out_channels, 3, padding=1),
-                       norm(out_channels), nn.ReLU(inplace=True)]
-        super().__init__(*layers)
-
-
-class VNetDown(nn.Sequential):
-    """Downsampling by a conv whose kernel equals its stride, BatchNorm, ReLU."""
-
-    def __init__(self, in_channels: int, out_channels: int, stride: Sequence[int]):
-        conv, _, norm, _, _ = _ops(len(stride))
-        super().__init__(conv(in_channels, out_channels, tuple(stride), stride=tuple(stride)), norm(out_channels),
-                         nn.ReLU(inplace=True))
-
-
-class VNetUp(nn.Module):
-    """Upsampling by ``stride``, BatchNorm, ReLU: ``"transposed"`` (kernel = stride) or ``"linear"``
-    ((bi/tri)linear interpolation, ``align_corners=True``, then a 3x3(x3) conv), as the official
-    ``mode_upsampling`` 0 and 1."""
-
-    def __init__(self, in_channels: int, out_channels: int, stride: Sequence[int], mode: str):
-        super().__init__()
-        conv, transposed, norm, _, self.interpolation = _ops(len(stride))
-        self.stride, self.mode = tuple(stride), mode
-        if mode == "transposed":
-            self.conv = transposed(in_channels, out_channels, self.stride, stride=self.stride)
-        elif mode == "linear":
-            self.conv = conv(in_channels, out_channels, 3, padding=1)
-        else:
-            raise ValueError(f"upsampling mode {mode!r}: 'transposed' or 'linear'")
-        self.norm, self.act = norm(out_channels), nn.ReLU(inplace=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "linear":
-            x = upsample_linear(x, self.stride, self.interpolation)
-        return self.act(self.norm(self.conv(x)))
-
-
 def upsample_linear(x: torch.Tensor, stride: Sequence[int], mode: str) -> torch.Tensor:
     """(Bi/tri)linear upsampling by an integer stride per axis, ``align_corners=True`` (official)."""
-    if all(s == 1 for s in stride):
-        return x
-    size = [n * s for n, s in zip(x.shape[2:], stride)]
-    return F.interpolate(x, size=size, mode=mode, align_corners=True)
+    return upsample(x, stride, mode)
 
 
 class LeFeDEncoder(nn.Module):
@@ -149,7 +95,7 @@ class LeFeDEncoder(nn.Module):
         self.stages = nn.ModuleList(VNetConvStage(n, input_channels if k == 0 else widths[k], widths[k], dim)
                                     for k, n in enumerate(ENCODER_CONVS))
         self.downs = nn.ModuleList(VNetDown(widths[k], widths[k + 1], strides[k]) for k in range(4))
-        self.dropout = _ops(dim)[3](p=dropout)
+        self.dropout = vnet_ops(dim)[3](p=dropout)
         self.widths = widths
 
     def forward(self, x: torch.Tensor, feedback: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
@@ -183,8 +129,8 @@ class LeFeDDecoder(nn.Module):
         levels = range(3, -1, -1)  # the level each upsampling step reaches, deepest first
         self.ups = nn.ModuleList(VNetUp(widths[k + 1], widths[k], strides[k], upsampling) for k in levels)
         self.stages = nn.ModuleList(VNetConvStage(n, widths[k], widths[k], dim) for n, k in zip(DECODER_CONVS, levels))
-        self.dropout = _ops(dim)[3](p=dropout)
-        self.head = _ops(dim)[0](widths[0], num_classes, 1)
+        self.dropout = vnet_ops(dim)[3](p=dropout)
+        self.head = vnet_ops(dim)[0](widths[0], num_classes, 1)
 
     def forward(self, skips: Sequence[torch.Tensor], gates: Sequence[torch.Tensor] | None = None
                 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -207,7 +153,7 @@ class LeFeDSideHeads(nn.Module):
     def __init__(self, num_classes: int, strides: Sequence[Sequence[int]], widths: Sequence[int]):
         super().__init__()
         self.strides = [tuple(s) for s in strides]
-        conv, _, _, _, self.interpolation = _ops(len(strides[0]))
+        conv, _, _, _, self.interpolation = vnet_ops(len(strides[0]))
         self.heads = nn.ModuleList(conv(w, num_classes, 1) for w in widths)
 
     def forward(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:

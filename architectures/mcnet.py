@@ -4,6 +4,7 @@ Follows Wu et al., "Mutual consistency learning for semi-supervised medical imag
 (MedIA 2022) and its official code (github.com/ycwu1997/MC-Net, ``networks/VNet.py``), written
 anew for nnU-Net v2:
 
+* blocks: ``architectures/blocks/vnet.py`` (shared with LeFeD);
 * encoder: V-Net with ``base_filters`` (16) doubling per level, no cap; convs 3x3x3 + BatchNorm +
   ReLU, 1, 2, 3, 3, 3 per level; downsampling by a strided conv whose kernel equals its stride,
   + BN + ReLU; Dropout3d(0.5) on the bottleneck (training mode only, shared by all decoders);
@@ -34,7 +35,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from nnunet_ext.architectures.blocks.vnet import UPSAMPLING_MODES, VNetConvStage, VNetDown, VNetUp
+
 UPSAMPLING_KINDS = ("transpose", "trilinear", "nearest")  # the official decoders 1, 2, 3
+_BLOCK_MODES = dict(zip(UPSAMPLING_KINDS, UPSAMPLING_MODES))  # the shared VNetUp's names of the same three
 INFERENCE_MODES = ("first", "mean")
 OFFICIAL_STRIDES = ((2, 2, 2),) * 4
 OFFICIAL_MAX_DOWNSAMPLINGS = 4
@@ -63,39 +67,16 @@ def downsampling_from_plans(plans_strides: Sequence[Sequence[int]],
     return downsampling
 
 
-def _conv_block(channels_in: int, channels_out: int, n_convs: int) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for i in range(n_convs):
-        layers += [nn.Conv3d(channels_in if i == 0 else channels_out, channels_out, 3, padding=1),
-                   nn.BatchNorm3d(channels_out), nn.ReLU(inplace=True)]
-    return nn.Sequential(*layers)
-
-
-def _upsampling(kind: str, channels_in: int, channels_out: int, stride: Sequence[int]) -> nn.Sequential:
-    stride = tuple(int(s) for s in stride)
-    if kind == "transpose":
-        layers: list[nn.Module] = [nn.ConvTranspose3d(channels_in, channels_out, stride, stride=stride)]
-    elif kind in ("trilinear", "nearest"):
-        resize = nn.Upsample(scale_factor=tuple(float(s) for s in stride), mode=kind,
-                             align_corners=True if kind == "trilinear" else None)
-        layers = [resize, nn.Conv3d(channels_in, channels_out, 3, padding=1)]
-    else:
-        raise ValueError(f"unknown upsampling {kind!r}; use one of {UPSAMPLING_KINDS}")
-    return nn.Sequential(*layers, nn.BatchNorm3d(channels_out), nn.ReLU(inplace=True))
-
-
 class VNetEncoder(nn.Module):
     """V-Net encoder; returns the features of every level, full resolution first."""
 
     def __init__(self, input_channels: int, features: Sequence[int], convs: Sequence[int],
                  strides: Sequence[Sequence[int]], dropout_p: float):
         super().__init__()
-        self.stages = nn.ModuleList(_conv_block(input_channels if level == 0 else features[level], features[level],
-                                                convs[level]) for level in range(len(features)))
-        self.downsamplings = nn.ModuleList(
-            nn.Sequential(nn.Conv3d(features[level], features[level + 1], tuple(stride), stride=tuple(stride)),
-                          nn.BatchNorm3d(features[level + 1]), nn.ReLU(inplace=True))
-            for level, stride in enumerate(strides))
+        self.stages = nn.ModuleList(VNetConvStage(convs[level], input_channels if level == 0 else features[level],
+                                                  features[level]) for level in range(len(features)))
+        self.downsamplings = nn.ModuleList(VNetDown(features[level], features[level + 1], stride)
+                                           for level, stride in enumerate(strides))
         self.dropout = nn.Dropout3d(dropout_p) if dropout_p > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -117,9 +98,11 @@ class VNetDecoder(nn.Module):
         super().__init__()
         self.upsampling = upsampling
         levels = range(len(strides) - 1, -1, -1)  # deepest first
-        self.ups = nn.ModuleList(_upsampling(upsampling, features[level + 1], features[level], strides[level])
+        if upsampling not in _BLOCK_MODES:
+            raise ValueError(f"unknown upsampling {upsampling!r}; use one of {UPSAMPLING_KINDS}")
+        self.ups = nn.ModuleList(VNetUp(features[level + 1], features[level], strides[level], _BLOCK_MODES[upsampling])
                                  for level in levels)
-        self.stages = nn.ModuleList(_conv_block(features[level], features[level], convs[level]) for level in levels)
+        self.stages = nn.ModuleList(VNetConvStage(convs[level], features[level], features[level]) for level in levels)
         self.dropout = nn.Dropout3d(dropout_p) if dropout_p > 0 else nn.Identity()
         self.head = nn.Conv3d(features[0], num_classes, 1)
 

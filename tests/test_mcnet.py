@@ -8,6 +8,7 @@ import re
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nnunet_ext import compat
@@ -45,13 +46,15 @@ def test_decoders_differ_only_in_upsampling():
     network = paper_mcnet()
     first, second, third = network.decoder.decoders
     assert [d.upsampling for d in network.decoder.decoders] == ["transpose", "trilinear", "nearest"]
-    assert isinstance(first.ups[0][0], nn.ConvTranspose3d) and first.ups[0][0].kernel_size == (2, 2, 2)
+    assert isinstance(first.ups[0].conv, nn.ConvTranspose3d) and first.ups[0].conv.kernel_size == (2, 2, 2)
     for decoder, mode in ((second, "trilinear"), (third, "nearest")):
-        resize, conv = decoder.ups[0][0], decoder.ups[0][1]
-        assert isinstance(resize, nn.Upsample) and resize.mode == mode and conv.kernel_size == (3, 3, 3)
-    assert second.ups[0][0].align_corners is True
+        up = decoder.ups[0].eval()
+        assert isinstance(up.conv, nn.Conv3d) and up.conv.kernel_size == (3, 3, 3)
+        x = torch.randn(1, up.conv.in_channels, 2, 3, 2)
+        resized = F.interpolate(x, scale_factor=2, mode=mode, align_corners=True if mode == "trilinear" else None)
+        assert torch.allclose(up(x), torch.relu(up.norm(up.conv(resized))), atol=1e-6)
     for decoder in network.decoder.decoders:
-        assert [type(m) for m in decoder.ups[0]][-2:] == [nn.BatchNorm3d, nn.ReLU]
+        assert (type(decoder.ups[0].norm), type(decoder.ups[0].act)) == (nn.BatchNorm3d, nn.ReLU)
         shapes = [p.shape for p in decoder.stages.parameters()] + [p.shape for p in decoder.head.parameters()]
         assert shapes == [p.shape for p in second.stages.parameters()] + [p.shape for p in second.head.parameters()]
     assert network.encoder.dropout.p == 0.5 and all(d.dropout.p == 0.5 for d in network.decoder.decoders)
