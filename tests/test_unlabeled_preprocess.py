@@ -19,7 +19,7 @@ from nnunet_ext.datasets.synthetic import SyntheticSpec, make_case, write_synthe
 from nnunet_ext.datasets.unlabeled import MARKER, write_unlabeled_images
 from nnunet_ext.unlabeled.convention import (UnlabeledDataError, check_unique_case_names, list_unlabeled_cases,
                                              manifest_path, unlabeled_preprocessed_folder)
-from nnunet_ext.unlabeled.preprocess import PROPERTIES_KEY, STAGING, preprocess_unlabeled, read_manifest
+from nnunet_ext.unlabeled.preprocess import PROPERTIES_KEY, STAGING, plans_stamp, preprocess_unlabeled, read_manifest
 from semi_support import (COPIED_CASE, COPY_NAME, SEMI_DATASET_ID, nnunet_environment, semi_root,
                           unlabeled_cases)
 
@@ -116,6 +116,27 @@ def test_rerun_resumes_an_interrupted_run_and_redoes_cases_made_with_other_plans
     with nnunet_environment(root):
         (again,) = preprocess_unlabeled(SEMI_DATASET_ID, [CONFIG])
     assert again.processed == (), "a complete folder is left as it is"
+
+
+def test_plans_stamp_follows_what_decides_the_arrays_not_patch_or_batch_size():
+    from types import SimpleNamespace
+
+    configuration = {"data_identifier": "nnUNetPlans_3d_fullres", "preprocessor_name": "DefaultPreprocessor",
+                     "spacing": [2.5, 1.0, 1.0], "normalization_schemes": ["CTNormalization"],
+                     "use_mask_for_norm": [False], "resampling_fn_data": "resample_data_or_seg_to_shape",
+                     "resampling_fn_data_kwargs": {"order": 3}, "resampling_fn_seg": "resample_data_or_seg_to_shape",
+                     "resampling_fn_seg_kwargs": {"order": 1}, "patch_size": [16, 40, 40], "batch_size": 2,
+                     "architecture": {"network_class_name": "PlainConvUNet"}}
+    plans = SimpleNamespace(plans={"foreground_intensity_properties_per_channel": {"0": {"mean": 1.0}}})
+    dataset_json = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 1}, "file_ending": ".nii.gz"}
+
+    def stamp(**changes):
+        return plans_stamp(plans, SimpleNamespace(configuration={**configuration, **changes}), dataset_json)
+
+    assert stamp(patch_size=[32, 64, 64], batch_size=4, architecture={"network_class_name": "Other"}) == stamp()
+    for change in ({"spacing": [3.0, 1.0, 1.0]}, {"normalization_schemes": ["ZScoreNormalization"]},
+                   {"resampling_fn_data_kwargs": {"order": 1}}, {"data_identifier": "other"}):
+        assert stamp(**change) != stamp(), change
 
 
 # ---------------------------------------------------------------------------------------------

@@ -51,11 +51,19 @@ class PreprocessResult:
     processed: tuple[str, ...]  # done in this run (the others were complete already)
 
 
+#: the keys of a plans configuration that decide nnU-Net's preprocessed arrays (what nnU-Net's
+#: preprocessor reads); patch size, batch size and the architecture do not, so editing them (custom
+#: plans with a larger patch, say) leaves preprocessed unlabelled cases valid, as nnU-Net's own
+PREPROCESSING_KEYS = ("data_identifier", "preprocessor_name", "spacing", "normalization_schemes",
+                      "use_mask_for_norm", "resampling_fn_data", "resampling_fn_data_kwargs", "resampling_fn_seg",
+                      "resampling_fn_seg_kwargs")
+
+
 def plans_stamp(plans_manager, configuration_manager, dataset_json: dict) -> str:
     """A short hash of everything that decides a preprocessed array: if the plans change, cases preprocessed
     with the old plans are redone (by preprocess-unlabeled) or refused (by the trainer)."""
     relevant = {
-        "configuration": configuration_manager.configuration,
+        "configuration": {key: configuration_manager.configuration.get(key) for key in PREPROCESSING_KEYS},
         "intensity": plans_manager.plans.get("foreground_intensity_properties_per_channel"),
         "transpose_forward": plans_manager.plans.get("transpose_forward"),
         "reader": plans_manager.plans.get("image_reader_writer"),
