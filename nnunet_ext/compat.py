@@ -346,6 +346,25 @@ def training_autocast(device):
     return autocast(device.type, enabled=True) if device.type == "cuda" else dummy_context()
 
 
+# --- ClassSAM (trainers/class_sam.py) -----------------------------------------------------------
+
+def constant_lr_scheduler(optimizer, initial_lr: float, num_epochs: int):
+    """A constant learning rate with nnU-Net's scheduler interface (``step(epoch)`` at every epoch
+    start, logged as nnU-Net logs it): its PolyLRScheduler with exponent 0."""
+    from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+
+    return PolyLRScheduler(optimizer, initial_lr, num_epochs, exponent=0.0)
+
+
+def load_preprocessed_case(dataset, identifier: str):
+    """(image ``(C, Z, Y, X)`` float32, label ``(1, Z, Y, X)``) of a preprocessed case, as numpy arrays, from
+    an nnU-Net dataset object (``load_case`` returns data, seg, previous-stage seg, properties in 2.8)."""
+    import numpy as np
+
+    data, seg, _, _ = dataset.load_case(identifier)
+    return np.asarray(data[:], dtype=np.float32), np.asarray(seg[:])
+
+
 # --- multi-task data (nnunet_ext.tasks, trainers/universal.py) ----------------------------------
 
 def case_metrics(reference_file: str, prediction_file: str, reader_writer, labels: Sequence[int],

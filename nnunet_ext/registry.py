@@ -135,6 +135,21 @@ METHODS: tuple[Method, ...] = (
               "decoder; DoDNet's label coding and loss; AdamW 2e-4, warm-up + poly, clipping 0.1; predict with "
               "`nnunet-ext predict --task NAME`",
     ),
+    Method(
+        key="class_sam",
+        title="ClassSAM (SurgicalSAM)",
+        paper="Yue et al., SurgicalSAM: Efficient Class Promptable Surgical Instrument Segmentation, AAAI 2024, "
+              "github.com/wenxi-yue/SurgicalSAM (SAM: Kirillov et al., Segment Anything, ICCV 2023)",
+        trainers=("nnunet_ext.trainers.class_sam:ClassSAMTrainer",),
+        # None: METHODS.md's 4.65 M counts the trainable part only (641.7 M in total with the frozen vit_h
+        # encoder); tests/test_class_sam.py checks it
+        networks=(PaperNetwork("ClassSAM", "nnunet_ext.architectures.class_sam:paper_class_sam", None,
+                               "SurgicalSAM: vit_h image encoder, 7 classes"),),
+        notes="2d configuration: frozen SAM image encoder, prototype-based class prompt encoder (dense + sparse "
+              "prompts), fine-tuned SAM mask decoder run once per class, background logit 0; Dice + contrastive "
+              "prototype loss; SAM checkpoint from NNUNET_EXT_SAM_CHECKPOINT (never downloaded); optional on-disk "
+              "embedding cache (NNUNET_EXT_SAM_CACHE)",
+    ),
 )
 
 

@@ -38,7 +38,8 @@ def test_unknown_name_message_suggests_close_matches():
 def test_paper_network_parameter_count_matches_the_paper(name):
     """Counted from the built module; within 1% of METHODS.md where the paper gives a number."""
     entry = paper_networks()[name]
+    if entry.paper_parameters is None:  # skip before building: ClassSAM's frozen vit_h alone is 2.5 GB
+        pytest.skip(f"{name}: no total parameter count to compare with (depends on the plans, or the paper "
+                    f"counts only the trainable part; the method's own tests check it)")
     counted = sum(p.numel() for p in paper_network(name).parameters())
-    if entry.paper_parameters is None:
-        pytest.skip(f"{name}: the paper's size depends on the plans")
     assert abs(counted - entry.paper_parameters) <= 0.01 * entry.paper_parameters, (counted, entry.paper_parameters)

@@ -1,1 +1,1 @@
-"""Losses shared by method trainers (boundary targets and losses, partial-label, consistency)."""
+"""Losses shared by method trainers (boundary targets and losses, partial-label, consistency, class prompts)."""

@@ -1,0 +1,330 @@
+"""On-disk cache of a frozen image encoder's embeddings of nnU-Net 2d training slices.
+
+Why: ClassSAM's image encoder (SAM ViT-H, ~637 M parameters) is frozen and costs far more than the
+trainable rest; SurgicalSAM trains on embeddings computed once, offline. This module is that for
+nnU-Net's preprocessed data (used by :class:`nnunet_ext.trainers.class_sam.ClassSAMTrainer`).
+
+The trade-off, stated plainly: nnU-Net augments every training patch differently (rotation,
+scaling, intensity, mirroring, ...), and an embedding of an augmented patch is worth nothing the
+next time. So with the cache, training sees **fixed, un-augmented tiles**: every slice of every
+training case, padded (image 0, labels background, as nnU-Net pads) to at least the patch size and
+cut into patch-size tiles on a regular grid (one tile when the slice fits the patch, the usual
+case for nnU-Net's 2d plans), optionally also in ``versions`` mirrored copies (2: + left-right,
+4: + up-down and both), each encoded from the actually mirrored image - the same idea as
+SurgicalSAM's offline augmented copies, with mirroring only. Fast, but less augmentation than
+nnU-Net's; validation keeps nnU-Net's loader and the live network.
+
+Layout of a cache for one dataset and configuration, ``<root>/<dataset>/<data_identifier>/``:
+
+* ``encoder.json`` - what every embedding depends on: the encoder's weights (SHA-256 over its
+  state dict), the input transform, patch size, versions, stored dtype and shape;
+* per case ``<case>.json`` (SHA-256 of the preprocessed image and label arrays, number of items,
+  which items hold foreground) written last, after ``<case>.emb.npy`` (embeddings, float16,
+  ``(items, D, E, E)``) and ``<case>.seg.npy`` (label tiles, int16, ``(items, H, W)``); files are
+  written under a temporary name and renamed, so an interrupted build leaves complete entries.
+
+A case is a *hit* (its json matches the data hash), a *miss* (not there: computed and written) or
+*stale* (the preprocessed data changed, or ``encoder.json`` differs because the checkpoint, model
+type, transform or tiling changed). Stale is refused with a message saying what changed and how
+to go on: delete the folder, point the cache variable elsewhere, or opt in to rebuilding in place,
+which replaces only this cache's own files in that folder. The size limit is checked before
+anything is computed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from nnunet_ext.errors import UserFacingError
+
+CACHE_FORMAT = 1
+EMBEDDING_DTYPE = np.float16
+TARGET_DTYPE = np.int16
+FLIPS = ((), (-1,), (-2,), (-2, -1))  # versions: none, left-right, up-down, both (on the last two axes)
+_SUFFIXES = (".emb.npy", ".seg.npy", ".json")
+IDENTITY_FILE = "encoder.json"
+
+
+class EmbeddingCacheError(UserFacingError):
+    """The embedding cache cannot be used as it is (stale, too large, unusable settings)."""
+
+
+def array_digest(*arrays: np.ndarray) -> str:
+    """SHA-256 over shapes, dtypes and bytes of arrays."""
+    hasher = hashlib.sha256()
+    for array in arrays:
+        array = np.ascontiguousarray(array)
+        hasher.update(f"{array.shape}{array.dtype.str}".encode())
+        hasher.update(array.view(np.uint8).reshape(-1).data)
+    return hasher.hexdigest()
+
+
+def module_digest(module) -> str:
+    """SHA-256 over a torch module's state dict (names, shapes, dtypes, values): its weights' identity."""
+    import torch
+
+    hasher = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        values = tensor.detach().cpu().contiguous().reshape(-1)
+        hasher.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        hasher.update(values.view(torch.uint8).numpy().data)
+    return hasher.hexdigest()
+
+
+def tile_starts(size: int, patch: int) -> list[int]:
+    """Start offsets of patch-size tiles covering ``size`` (already padded to >= patch), ends aligned."""
+    count = math.ceil(size / patch)
+    if count == 1:
+        return [0]
+    return [round(i * (size - patch) / (count - 1)) for i in range(count)]
+
+
+def slice_tiles(image: np.ndarray, labels: np.ndarray, patch: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """One slice ``(C, Y, X)`` + labels ``(Y, X)`` -> tiles ``(T, C, py, px)``, ``(T, py, px)``.
+
+    Padded centrally to at least the patch (image 0, labels 0 = background; nnU-Net's -1 outside the
+    nonzero mask also becomes background, as its training transforms do)."""
+    labels = np.where(labels < 0, 0, labels)
+    pads = [(max(0, p - s) // 2, max(0, p - s) - max(0, p - s) // 2) for s, p in zip(image.shape[1:], patch)]
+    image = np.pad(image, [(0, 0)] + pads)
+    labels = np.pad(labels, pads)
+    images, targets = [], []
+    for y in tile_starts(image.shape[1], patch[0]):
+        for x in tile_starts(image.shape[2], patch[1]):
+            images.append(image[:, y:y + patch[0], x:x + patch[1]])
+            targets.append(labels[y:y + patch[0], x:x + patch[1]])
+    return np.stack(images), np.stack(targets)
+
+
+def case_tiles(data: np.ndarray, seg: np.ndarray, patch: Sequence[int], versions: int
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Every tile of every slice of a preprocessed case ``data (C, Z, Y, X)``, ``seg (1, Z, Y, X)``, in
+    every mirrored version: ``(items, C, py, px)`` float32 and ``(items, py, px)`` int16."""
+    images, targets = [], []
+    for z in range(data.shape[1]):
+        tiles, labels = slice_tiles(np.asarray(data[:, z], dtype=np.float32), np.asarray(seg[0, z]), patch)
+        for flip in FLIPS[:versions]:
+            images.append(np.flip(tiles, flip) if flip else tiles)
+            targets.append(np.flip(labels, flip) if flip else labels)
+    return np.ascontiguousarray(np.concatenate(images)), np.concatenate(targets).astype(TARGET_DTYPE)
+
+
+def count_items(data_shape: Sequence[int], patch: Sequence[int], versions: int) -> int:
+    """Number of cached items of a case, from its preprocessed shape ``(C, Z, Y, X)``."""
+    tiles = [len(tile_starts(max(s, p), p)) for s, p in zip(data_shape[2:], patch)]
+    return int(data_shape[1]) * tiles[0] * tiles[1] * versions
+
+
+@dataclass
+class CachePlan:
+    """What a build will do: case identifiers by status, and the cache's size afterwards."""
+
+    hits: list[str] = field(default_factory=list)
+    misses: list[str] = field(default_factory=list)
+    stale: list[str] = field(default_factory=list)
+    bytes_after: int = 0
+
+
+def _write_atomic_json(path: Path, content: dict) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(content, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+class EmbeddingCache:
+    """The cache folder of one dataset configuration for one encoder identity (module docstring)."""
+
+    def __init__(self, folder: str | os.PathLike, identity: dict, patch_size: Sequence[int],
+                 embedding_shape: Sequence[int], versions: int = 1, max_bytes: float = 20 * 1024 ** 3,
+                 rebuild: bool = False, stale_advice: str = "point the cache at another folder, or rebuild it in "
+                                                            "place (rebuild=True)",
+                 size_advice: str = "Raise the limit, use fewer versions, or train without the cache."):
+        if versions not in (1, 2, 4):
+            raise EmbeddingCacheError(f"embedding cache versions must be 1, 2 or 4 (mirrorings), got {versions}")
+        self.folder = Path(folder)
+        self.patch_size = tuple(int(p) for p in patch_size)
+        self.embedding_shape = tuple(int(s) for s in embedding_shape)
+        self.versions, self.max_bytes, self.rebuild = versions, max_bytes, rebuild
+        self.stale_advice, self.size_advice = stale_advice, size_advice
+        self.identity = {"format": CACHE_FORMAT, "embedding_dtype": np.dtype(EMBEDDING_DTYPE).name,
+                         "embedding_shape": list(self.embedding_shape), "patch_size": list(self.patch_size),
+                         "versions": versions, **identity}
+        self.identity_digest = hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()
+
+    # --- sizes and files --------------------------------------------------------------------------
+    @property
+    def item_bytes(self) -> int:
+        embedding = int(np.prod(self.embedding_shape)) * np.dtype(EMBEDDING_DTYPE).itemsize
+        return embedding + int(np.prod(self.patch_size)) * np.dtype(TARGET_DTYPE).itemsize
+
+    def _path(self, identifier: str, suffix: str) -> Path:
+        return self.folder / f"{identifier}{suffix}"
+
+    def _own_files(self) -> list[Path]:
+        if not self.folder.is_dir():
+            return []
+        return [p for p in self.folder.iterdir() if p.is_file() and (p.name == IDENTITY_FILE or
+                                                                     p.name.endswith(_SUFFIXES) or ".tmp-" in p.name)]
+
+    def entry(self, identifier: str) -> dict | None:
+        path = self._path(identifier, ".json")
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    # --- deciding ---------------------------------------------------------------------------------
+    def _stored_identity(self) -> dict | None:
+        try:
+            return json.loads((self.folder / IDENTITY_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def check_identity(self) -> None:
+        """Refuse (or, with ``rebuild``, clear) a cache built for another encoder or tiling."""
+        stored = self._stored_identity()
+        if stored is None or stored == self.identity:
+            return
+        changed = sorted(k for k in set(stored) | set(self.identity) if stored.get(k) != self.identity.get(k))
+        if not self.rebuild:
+            raise EmbeddingCacheError(
+                f"The embedding cache at {self.folder} is stale: it was built for another encoder or input "
+                f"({', '.join(f'{k}: {stored.get(k)!r} -> {self.identity.get(k)!r}' for k in changed)}). Its "
+                f"embeddings do not belong to this training. Delete that folder, {self.stale_advice}.")
+        for path in self._own_files():
+            path.unlink()
+
+    def plan(self, cases: dict[str, tuple[str, Sequence[int]]]) -> CachePlan:
+        """Status of every case (``identifier -> (data digest, data shape)``) and the size check.
+
+        Raises for stale cases (unless ``rebuild``) and when the cache would exceed ``max_bytes``."""
+        self.check_identity()
+        result = CachePlan()
+        new_bytes = 0
+        for identifier, (digest, shape) in cases.items():
+            entry = self.entry(identifier)
+            if entry is not None and (entry.get("digest"), entry.get("identity")) == (digest, self.identity_digest) \
+                    and self._path(identifier, ".emb.npy").is_file() and self._path(identifier, ".seg.npy").is_file():
+                result.hits.append(identifier)
+                continue
+            (result.stale if entry is not None else result.misses).append(identifier)
+            new_bytes += count_items(shape, self.patch_size, self.versions) * self.item_bytes
+        if result.stale and not self.rebuild:
+            raise EmbeddingCacheError(
+                f"The embedding cache at {self.folder} is stale: the preprocessed data of {len(result.stale)} "
+                f"case(s) changed since their embeddings were computed ({', '.join(result.stale[:5])}"
+                f"{', ...' if len(result.stale) > 5 else ''}; was the dataset preprocessed again?). Delete that "
+                f"folder, {self.stale_advice}.")
+        replaced = {self._path(i, s) for i in result.stale + result.misses for s in _SUFFIXES}
+        kept = sum(p.stat().st_size for p in self._own_files() if p not in replaced)
+        result.bytes_after = kept + new_bytes
+        if result.bytes_after > self.max_bytes:
+            raise EmbeddingCacheError(
+                f"The embedding cache at {self.folder} would need {result.bytes_after / 1024 ** 3:.2f} GB "
+                f"({new_bytes / 1024 ** 3:.2f} GB new for {len(result.misses) + len(result.stale)} case(s), "
+                f"{self.item_bytes / 1024 ** 2:.2f} MB per slice tile and version), more than its limit of "
+                f"{self.max_bytes / 1024 ** 3:.2f} GB. {self.size_advice}")
+        return result
+
+    # --- writing and reading ----------------------------------------------------------------------
+    def write_case(self, identifier: str, digest: str, images: np.ndarray, targets: np.ndarray,
+                   encode: Callable[[np.ndarray], np.ndarray], batch_size: int) -> None:
+        """Encode ``images`` in batches straight into the case's files; its json is written last."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if not (self.folder / IDENTITY_FILE).is_file():
+            _write_atomic_json(self.folder / IDENTITY_FILE, self.identity)
+        pid = os.getpid()
+        embedding_path, seg_path = self._path(identifier, ".emb.npy"), self._path(identifier, ".seg.npy")
+        tmp_embedding = embedding_path.with_name(f"{embedding_path.name}.tmp-{pid}")
+        stored = np.lib.format.open_memmap(tmp_embedding, mode="w+", dtype=EMBEDDING_DTYPE,
+                                           shape=(len(images), *self.embedding_shape))
+        for start in range(0, len(images), batch_size):
+            stored[start:start + batch_size] = encode(images[start:start + batch_size])
+        stored.flush()
+        del stored
+        tmp_seg = seg_path.with_name(f"{seg_path.name}.tmp-{pid}")
+        with open(tmp_seg, "wb") as file:
+            np.save(file, targets.astype(TARGET_DTYPE))
+        os.replace(tmp_embedding, embedding_path)
+        os.replace(tmp_seg, seg_path)
+        foreground = np.flatnonzero((targets > 0).reshape(len(targets), -1).any(1)).tolist()
+        _write_atomic_json(self._path(identifier, ".json"),
+                           {"digest": digest, "identity": self.identity_digest, "items": len(images),
+                            "foreground": foreground})
+
+    def read_case(self, identifier: str) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """Memory-mapped embeddings ``(items, D, E, E)``, label tiles ``(items, H, W)``, foreground items."""
+        entry = self.entry(identifier)
+        if entry is None:
+            raise EmbeddingCacheError(f"{identifier} is not in the embedding cache at {self.folder}")
+        embeddings = np.load(self._path(identifier, ".emb.npy"), mmap_mode="r")
+        targets = np.load(self._path(identifier, ".seg.npy"), mmap_mode="r")
+        if embeddings.shape != (entry["items"], *self.embedding_shape) or targets.shape[0] != entry["items"]:
+            raise EmbeddingCacheError(f"The embedding cache entry of {identifier} in {self.folder} is damaged "
+                                      f"(shape {embeddings.shape}); delete {self._path(identifier, '.json')} so it "
+                                      f"is computed again.")
+        return embeddings, targets, list(entry["foreground"])
+
+
+def build(cache: EmbeddingCache, load_case: Callable[[str], tuple[np.ndarray, np.ndarray]],
+          identifiers: Iterable[str], encode: Callable[[np.ndarray], np.ndarray], batch_size: int,
+          log: Callable[[str], None] = print) -> CachePlan:
+    """Bring the cache up to date for ``identifiers``: hash each case's data, plan, encode the misses.
+
+    ``load_case(identifier) -> (data (C, Z, Y, X), seg (1, Z, Y, X))``; ``encode(tiles (N, C, py, px))
+    -> (N, D, E, E)``."""
+    cases = {}
+    for identifier in identifiers:
+        data, seg = load_case(identifier)
+        cases[identifier] = (array_digest(data, seg), tuple(data.shape))
+    plan = cache.plan(cases)
+    todo = plan.misses + plan.stale
+    log(f"embedding cache {cache.folder}: {len(plan.hits)} case(s) cached, {len(plan.misses)} to compute, "
+        f"{len(plan.stale)} stale to recompute; {plan.bytes_after / 1024 ** 3:.3f} GB afterwards")
+    for number, identifier in enumerate(todo, 1):
+        data, seg = load_case(identifier)
+        images, targets = case_tiles(data, seg, cache.patch_size, cache.versions)
+        cache.write_case(identifier, cases[identifier][0], images, targets, encode, batch_size)
+        log(f"embedding cache: {identifier} ({len(images)} tiles) done, {number}/{len(todo)}")
+    return plan
+
+
+class CachedBatches:
+    """Endless random training batches from the cache: ``{"embeddings", "target", "keys"}``.
+
+    Items are drawn uniformly, except that the last ``round(B * p)`` samples of each batch come from
+    items holding foreground (nnU-Net's rule for ``oversample_foreground_percent`` = p)."""
+
+    def __init__(self, cache: EmbeddingCache, identifiers: Sequence[str], batch_size: int,
+                 oversample_foreground_percent: float = 0.33, seed: int | None = None):
+        import torch
+
+        self._torch = torch
+        self.batch_size, self.oversample = batch_size, oversample_foreground_percent
+        self.cases = {identifier: cache.read_case(identifier) for identifier in identifiers}
+        self.items = [(i, n) for i, (emb, _, _) in self.cases.items() for n in range(emb.shape[0])]
+        self.foreground = [(i, n) for i, (_, _, fg) in self.cases.items() for n in fg] or self.items
+        if not self.items:
+            raise EmbeddingCacheError(f"the embedding cache at {cache.folder} holds no training items")
+        self.random = np.random.default_rng(seed)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        random_count = round(self.batch_size * (1 - self.oversample))
+        keys = []
+        for sample in range(self.batch_size):
+            pool = self.items if sample < random_count else self.foreground
+            keys.append(pool[self.random.integers(len(pool))])
+        embeddings = np.stack([self.cases[i][0][n] for i, n in keys]).astype(np.float32)
+        targets = np.stack([self.cases[i][1][n] for i, n in keys])[:, None]
+        return {"embeddings": self._torch.from_numpy(embeddings), "target": self._torch.from_numpy(targets),
+                "keys": keys}
