@@ -298,6 +298,7 @@ def test_stock_pipeline_plain_labels(nnunet_root, banet_pipeline):
     assert any(key.startswith("decoder.boundary.") for key in checkpoint["network_weights"])
 
 
+@pytest.mark.slow  # ~1 min; stock --c of our trainers is checked in the default run by test_two_stream_loader
 def test_resume_continues_from_the_checkpoint(nnunet_root, banet_pipeline):
     """``--c`` after a finished 1-epoch run with a 2-epoch schedule trains exactly one more epoch."""
     env = nnunet_root.env(epochs=2)

@@ -122,6 +122,7 @@ def test_trainer_without_method_state_writes_nnunet_checkpoints_unchanged(nnunet
     assert METHOD_STATE_KEY not in torch.load(tmp_path / "c.pth", map_location="cpu", weights_only=False)
 
 
+@pytest.mark.slow  # ~2 min; stock --c with method state is also checked by test_two_stream_loader's default test
 def test_stock_train_continue_flag_resumes_where_it_stopped(nnunet_root):
     """nnUNetv2_train --c: a 1-epoch run, then continue to 2 epochs from checkpoint_latest."""
     common = ["nnUNetv2_train", nnunet_root.dataset_id, "3d_fullres", 1, "-tr", "nnUNetExtTrainer", "-device", "cpu"]

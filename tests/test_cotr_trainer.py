@@ -309,6 +309,7 @@ def test_stock_pipeline_with_cotr_plans(cotr_root, cotr_pipeline):
     assert "num_epochs = 1 (was 1000)" in result.train_output
 
 
+@pytest.mark.slow  # ~1 min; find_best/export/install of our trainers: test_end_to_end's default test
 def test_find_best_configuration_and_export_on_a_cotr_model(cotr_root, cotr_pipeline, trainer_folder, tmp_path):
     """nnU-Net's model-selection and zip export/install work on a CoTr model folder, and the
     installed copy predicts like the original."""
