@@ -74,6 +74,7 @@ def test_network_settings_go_into_the_plans_and_the_schedule_is_the_official_one
     assert settings == {"sam_model_type": "tiny", "num_tokens": 2, "hidden_dim_dense": 128, "hidden_dim_sparse": 128,
                         "channel_indices": None, "intensity_range": 3.0}
     assert (trainer.initial_lr, trainer.weight_decay, trainer.num_epochs) == (1e-3, 1e-4, 500)
+    assert trainer.grad_clip is None  # official: no gradient clipping
     assert trainer.enable_deep_supervision is False and trainer._get_deep_supervision_scales() is None
     tiny_env.delenv("NNUNET_EXT_SAM_MODEL_TYPE")
     assert default_network_settings()["sam_model_type"] == "vit_h"  # the paper's default

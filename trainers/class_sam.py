@@ -123,6 +123,8 @@ class ClassSAMTrainer(nnUNetExtTrainer):
     """ClassSAM on nnU-Net's 2d configuration: official Adam schedule, Dice + contrastive loss,
     optional embedding cache."""
 
+    grad_clip = None  # official: no gradient clipping
+
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
@@ -260,8 +262,7 @@ class ClassSAMTrainer(nnUNetExtTrainer):
 
     # --- the step -------------------------------------------------------------------------------
     def train_step(self, batch: dict) -> dict:
-        """nnU-Net's step structure; the network also returns what the contrastive loss needs.
-        Official: no gradient clipping."""
+        """nnU-Net's step structure; the network also returns what the contrastive loss needs."""
         target = batch["target"].to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
         with compat.training_autocast(self.device):
@@ -273,13 +274,7 @@ class ClassSAMTrainer(nnUNetExtTrainer):
                 logits, embeddings, prototypes = self.network(batch["data"].to(self.device, non_blocking=True),
                                                               return_embeddings=True)
             loss = self.loss(logits, target, embeddings, prototypes)
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(loss).backward()
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
-        else:
-            loss.backward()
-            self.optimizer.step()
+        self.optimizer_step(loss)  # the base's backward/AMP/step, without clipping (grad_clip None)
         return {"loss": loss.detach().cpu().numpy()}
 
     # --- state across --c -------------------------------------------------------------------------
