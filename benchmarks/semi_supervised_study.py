@@ -3,7 +3,9 @@
 On the synthetic dataset with ``imagesUnlabeled`` (written, planned and preprocessed with the
 stock nnU-Net commands in a temporary folder), fold 0 is trained with the same schedule by:
 
-* ``nnUNetTrainer`` (stock, every labelled training case: the upper reference),
+* ``nnUNetExtTrainer`` (nnU-Net's default trainer, network and loss; it only adds the short-run
+  variables that give every trainer here the same schedule; every labelled training case: the
+  upper reference),
 * ``SupervisedBudgetTrainer`` (nnU-Net's network and loss, only the budget's labelled cases),
 * ``MCNetPlusTrainer`` and ``LeFeDTrainer`` (the budget's labelled cases + unlabelled images),
 
@@ -80,7 +82,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--unlabeled", type=int, default=8)
     parser.add_argument("--trainers", nargs="+",
-                        default=["nnUNetTrainer", "SupervisedBudgetTrainer", "MCNetPlusTrainer", "LeFeDTrainer"])
+                        default=["nnUNetExtTrainer", "SupervisedBudgetTrainer", "MCNetPlusTrainer", "LeFeDTrainer"])
     args = parser.parse_args()
     spec = SyntheticSpec(num_training=10, num_test=4, shape=(16, 48, 48), spacing=(2.5, 1.0, 1.0))
     with tempfile.TemporaryDirectory() as folder:
@@ -95,7 +97,7 @@ def main() -> None:
         run_stock(["nnunet-ext", "preprocess-unlabeled", "-d", DATASET_ID, "-c", "3d_fullres", "-np", 1], env)
         results = {}
         for trainer in args.trainers:
-            budget = None if trainer == "nnUNetTrainer" else args.budget
+            budget = None if trainer == "nnUNetExtTrainer" else args.budget
             results[trainer] = train_and_score(root, trainer, env, budget)
     print(json.dumps({"benchmark": "semi_supervised_study", "device": "cpu", "epochs": args.epochs,
                       "iterations": args.iters, "unlabeled_images": args.unlabeled, "results": results}))
