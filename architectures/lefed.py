@@ -79,11 +79,6 @@ def vnet_strides(plan_strides: Sequence[Sequence[int] | int], dim: int | None = 
     return tuple(steps + [(1,) * dim] * (4 - len(steps)))
 
 
-def upsample_linear(x: torch.Tensor, stride: Sequence[int], mode: str) -> torch.Tensor:
-    """(Bi/tri)linear upsampling by an integer stride per axis, ``align_corners=True`` (official)."""
-    return upsample(x, stride, mode)
-
-
 class LeFeDEncoder(nn.Module):
     """V-Net encoder; returns the five stage outputs (full resolution first), feedback added."""
 
@@ -161,7 +156,7 @@ class LeFeDSideHeads(nn.Module):
         for k, (head, feature) in enumerate(zip(self.heads, features)):
             y = head(feature)
             for level in range(k - 1, -1, -1):
-                y = upsample_linear(y, self.strides[level], self.interpolation)
+                y = upsample(y, self.strides[level], self.interpolation)
             outputs.append(y)
         return outputs
 

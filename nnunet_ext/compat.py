@@ -346,7 +346,7 @@ def training_autocast(device):
     return autocast(device.type, enabled=True) if device.type == "cuda" else dummy_context()
 
 
-# --- ClassSAM (trainers/class_sam.py) -----------------------------------------------------------
+# --- constant learning rate (trainers/mcnet.py, trainers/class_sam.py); ClassSAM's case loading ----
 
 def constant_lr_scheduler(optimizer, initial_lr: float, num_epochs: int):
     """A constant learning rate with nnU-Net's scheduler interface (``step(epoch)`` at every epoch

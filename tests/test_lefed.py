@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from nnunet_ext import compat
-from nnunet_ext.architectures.lefed import (LeFeD, LeFeDOutput, discrepancy_feedback, paper_lefed, upsample_linear,
+from nnunet_ext.architectures.blocks.vnet import upsample
+from nnunet_ext.architectures.lefed import (LeFeD, LeFeDOutput, discrepancy_feedback, paper_lefed,
                                             vnet_strides)
 from nnunet_ext.trainers.base import METHOD_STATE_KEY
 from nnunet_ext.trainers.lefed import (IterationStepLR, LeFeDLoss, LeFeDTrainer, lefed_learning_rate,
@@ -88,7 +89,7 @@ def test_side_outputs_are_stagewise_linear_upsamplings_of_1x1_heads():
     for _ in range(3):
         expected = torch.nn.functional.interpolate(expected, scale_factor=2, mode="trilinear", align_corners=True)
     assert torch.allclose(out.side[3], expected, atol=1e-6)
-    assert torch.equal(upsample_linear(expected, (1, 1, 1), "trilinear"), expected)
+    assert torch.equal(upsample(expected, (1, 1, 1), "trilinear"), expected)
 
 
 def test_decoder_2_is_gated_by_detached_decoder_1_features():

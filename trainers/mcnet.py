@@ -44,6 +44,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from nnunet_ext import compat
 from nnunet_ext.architectures.mcnet import MCNet, downsampling_from_plans
 from nnunet_ext.trainers.semi_supervised import labeled_part, nnUNetSemiSupervisedTrainer, sigmoid_rampup
 
@@ -133,11 +134,9 @@ class MCNetPlusTrainer(nnUNetSemiSupervisedTrainer):
         super().initialize()
 
     def configure_optimizers(self):
-        from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
-
         optimizer = torch.optim.SGD(self.network.parameters(), self.initial_lr, momentum=self.momentum,
                                     weight_decay=self.weight_decay)
-        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs, exponent=0.0)  # constant
+        return optimizer, compat.constant_lr_scheduler(optimizer, self.initial_lr, self.num_epochs)
 
     def _build_loss(self):
         """The supervised Dice (also nnU-Net's validation loss, on the inference output)."""
