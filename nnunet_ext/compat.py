@@ -10,6 +10,8 @@ start-up hook must not pay for them.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -106,6 +108,24 @@ def write_checkpoint(checkpoint: dict, path: str | os.PathLike) -> None:
     tmp = f"{os.fspath(path)}.nnunet_ext_tmp"
     torch.save(checkpoint, tmp)
     os.replace(tmp, path)
+
+
+def image_reader_writer(dataset_json: dict | None, example_file: str):
+    """An instance of the image reader/writer nnU-Net uses for a dataset (``overwrite_image_reader_writer``
+    or the file ending), or for ``example_file`` alone when there is no dataset.json."""
+    from nnunetv2.imageio.reader_writer_registry import (determine_reader_writer_from_dataset_json,
+                                                         determine_reader_writer_from_file_ending)
+
+    # Without an example file nnU-Net picks by name and file ending only: trying the example prints a
+    # traceback per reader when the file is bad, and the checks that follow give the message.
+    name = Path(example_file).name
+    ending = "." + ".".join(name.split(".")[-2:]) if name.endswith(".gz") else Path(name).suffix
+    if dataset_json is not None:
+        ending = dataset_json.get("file_ending", ending)
+    with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net prints which reader it chose
+        if dataset_json is not None and dataset_json.get("overwrite_image_reader_writer"):
+            return determine_reader_writer_from_dataset_json(dataset_json, None)()
+        return determine_reader_writer_from_file_ending(ending, None, verbose=False)()
 
 
 # --- datasets and folders -------------------------------------------------------------------------
