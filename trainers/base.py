@@ -22,8 +22,10 @@ import os
 import torch
 
 from nnunet_ext import compat
+from nnunet_ext.errors import install_excepthook
 
 nnUNetTrainer = compat.base_trainer_class()
+install_excepthook()  # our trainers' one-line errors stay one line under nnUNetv2_train
 
 METHOD_STATE_KEY = "nnunet_ext_state"
 NNUNET_GRAD_CLIP = 12.0  # the max norm nnU-Net's train_step clips at
