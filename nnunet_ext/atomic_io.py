@@ -181,6 +181,21 @@ def staged_folder(target: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def scratch_folder(beside: str | os.PathLike) -> Iterator[Path]:
+    """A private working folder next to ``beside`` (same file system, so results can be moved out of it
+    atomically), always deleted at the end; a killed run's leftover carries a staging name, so the next
+    run's :func:`remove_stale_temporaries` removes it."""
+    beside = Path(beside)
+    beside.parent.mkdir(parents=True, exist_ok=True)
+    folder = beside.parent / _private_name(STAGING_PREFIX, f"{beside.name}.scratch")
+    folder.mkdir()
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def _owner_is_gone(name: str, prefix: str, now: float, path: Path) -> bool:
     parts = name[len(prefix):].split(".", 3)
     if len(parts) < 4:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from nnunet_ext import compat
+from nnunet_ext import atomic_io, compat
 from nnunet_ext._startup import EXT_TRAINER_VARIABLE, search_path_with_discovery_folder
 from nnunet_ext.errors import UserFacingError
 
@@ -64,7 +64,7 @@ def prepare_workdir(workdir: Path | None) -> Path:
                 f"--workdir {path} is not empty and was not made by 'nnunet-ext demo'. Nothing was changed. "
                 f"Give a new or empty folder (or leave out --workdir to use a temporary one).")
         path.mkdir(parents=True, exist_ok=True)
-    (path / DEMO_MARKER).write_text("This folder was made by 'nnunet-ext demo' and may be reused by it.\n")
+    atomic_io.write_text(path / DEMO_MARKER, "This folder was made by 'nnunet-ext demo' and may be reused by it.\n")
     return path
 
 

@@ -8,7 +8,8 @@ the dataset (``dataset.json``'s ``overwrite_image_reader_writer`` or the file en
 in one message naming the file, the problem and the fix:
 
 - a file that cannot be decoded (truncated, corrupt, empty, not an image);
-- NaN or infinite intensities;
+- NaN or infinite intensities (where the reader shows them: ITK's NIfTI reader, nnU-Net's default for
+  ``.nii.gz``, turns them into 0 on reading, so nnU-Net never sees them there either);
 - an image of another dimensionality than the dataset's (2D in a 3D dataset, or the reverse);
 - channels or a label whose shape, spacing or direction disagree with the case's first channel;
 - labels that are not whole numbers or not among the dataset's label values.
@@ -90,11 +91,16 @@ def verify_gzip_stream(path: Path, chunk: int = 1 << 22) -> str | None:
     return None
 
 
+def is_two_d_spacing(spacing: Sequence[float]) -> bool:
+    """True for nnU-Net's spacing of a 2D image (or dataset): the dummy axis is 999 x the largest real one."""
+    spacing = sorted(abs(float(s)) for s in spacing)
+    return len(spacing) == 3 and spacing[-1] >= _DUMMY_SPACING_FACTOR * 0.999 * spacing[-2]
+
+
 def _geometry(path: Path, data: np.ndarray, properties: dict) -> ImageInfo:
     spacing = tuple(float(s) for s in properties.get("spacing", ()))
     shape = tuple(int(s) for s in data.shape[1:])
-    two_d = len(shape) == 3 and shape[0] == 1 and len(spacing) == 3 and \
-        spacing[0] >= _DUMMY_SPACING_FACTOR * max(spacing[1:]) * 0.999
+    two_d = len(shape) == 3 and shape[0] == 1 and is_two_d_spacing(spacing)
     direction = None
     for key in ("sitk_stuff", "nibabel_stuff", "tiff_stuff"):
         extra = properties.get(key)

@@ -18,6 +18,7 @@ from nnunet_ext.tasks import TaskMap
 from nnunet_ext.tasks.label_space import LabelSpaceError, SourceLabels, build_label_space
 from nnunet_ext.tasks.merge import MergeError, MergeOptions, merge_datasets, merged_channel_names
 from nnunet_ext.testing.harness import run_stock
+from nnunet_ext.testing.hostile import temporaries
 
 SOURCE_IDS = (971, 972, 973)
 SPEC = SyntheticSpec(num_training=3, num_test=1, shape=(16, 32, 32), spacing=(2.5, 1.0, 1.0))
@@ -237,7 +238,8 @@ def test_foreign_folder_and_taken_id_are_refused(raw: Path) -> None:
         merge_datasets(raw, SOURCE_IDS, 971, "Universal")
     assert _snapshot(foreign) == before
     assert not (raw / "Dataset507_Other").exists() and not (raw / "Dataset971_Universal").exists()
-    assert not [p for p in raw.iterdir() if p.name.startswith(".")]
+    # refused before the lock is taken: no lock files, and no temporaries of earlier merges either
+    assert not temporaries(raw) and not list(raw.glob(".Dataset507_*")) and not list(raw.glob(".Dataset971_*"))
 
 
 # ---------------------------------------------------------------------------- hand-made sources
@@ -306,7 +308,8 @@ def test_same_value_twice_and_spelling_variants_are_refused(tmp_path: Path) -> N
 
 def test_undeclared_label_value_names_the_file(tmp_path: Path) -> None:
     _make_source(tmp_path, 1, "Bad", {"background": 0, "liver": 1}, label_values=[0, 1, 7])
-    _refuse(tmp_path, [1], r"labelsTr/c0.nii.gz holds label value\(s\) \[7\].*Dataset001_Bad/dataset.json")
+    _refuse(tmp_path, [1], r"Dataset001_Bad/labelsTr/c0.nii.gz: label value\(s\) \[7\] are not in the dataset's "
+                           r"labels \[0, 1\].*dataset.json")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 

@@ -20,8 +20,11 @@ def add_parser(subparsers) -> None:
                     "them: images are hard-linked (or copied with --copy), label maps are remapped into one "
                     "merged label space (the same label name in two datasets becomes one label), datasets with "
                     "fewer channels get zero channels, and dataset.json gets a 'tasks' section (one entry per "
-                    "source). Case names become T<task id><task name>_<original case>. Then plan and "
-                    "preprocess with the stock nnUNetv2_plan_and_preprocess -d NNN.")
+                    "source). Case names become T<task id><task name>_<original case>. Every source image and label is "
+                    "decoded and checked first (truncated, NaN, off-grid, wrong dimension, undeclared labels): a bad "
+                    "file is named and nothing is written. The output is built in a staging folder and moved into "
+                    "place (Ctrl-C leaves nothing; run again to finish); a second merge to the same output waits "
+                    "for the first. Then plan and preprocess with the stock nnUNetv2_plan_and_preprocess -d NNN.")
     parser.add_argument("-d", type=int, nargs="+", required=True, metavar="ID",
                         help="source dataset ids, in task order")
     parser.add_argument("-o", type=int, required=True, metavar="ID", help="id of the new merged dataset")

@@ -15,6 +15,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from nnunet_ext import atomic_io
+
 __all__ = ["save_overlay_figure", "select_slices"]
 
 _REQUIRED_KEYS = ("name", "image", "reference", "prediction", "dice")
@@ -165,5 +167,5 @@ def save_overlay_figure(cases: list[dict], out_png: str | os.PathLike, class_nam
         fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 6), fontsize=8)
     out = pathlib.Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, format="png", dpi=100)
+    atomic_io.write_with(out, lambda temporary: fig.savefig(temporary, format="png", dpi=100))
     return out

@@ -21,8 +21,8 @@ listed order, so the same organ has different values in different sources (kidne
 SynthLiverKidney and 1 in SynthKidneySpleen), as in real collections.
 
 Each dataset uses its own seed (``spec.seed + its position``): different patients. The writer
-reuses synthetic.py's case writer and its conventions (atomic write, idempotent re-runs, the
-spec plus the exported labels stored in dataset.json); synthetic.py itself is unchanged.
+reuses synthetic.py's case writer and its conventions (staged, atomic write; idempotent re-runs;
+the spec plus the exported labels stored in dataset.json).
 """
 from __future__ import annotations
 
@@ -30,11 +30,10 @@ import dataclasses
 import json
 import os
 import pathlib
-import shutil
-import uuid
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from nnunet_ext import atomic_io
 from nnunet_ext.datasets.synthetic import (
     METADATA_KEY,
     SyntheticSpec,
@@ -43,6 +42,7 @@ from nnunet_ext.datasets.synthetic import (
     _expected_files,
     _metadata,
     _write_case,
+    _write_new_folder,
     dataset_folder_name,
 )
 
@@ -116,26 +116,21 @@ def write_partially_labelled_dataset(raw_root: str | os.PathLike, dataset_id: in
     if conflicts:
         raise FileExistsError(f"{raw_root} already holds {conflicts} with dataset id {dataset_id}; choose another "
                               f"dataset_id.")
-    raw_root.mkdir(parents=True, exist_ok=True)
-    tmp = raw_root / f".{folder.name}.partial-{uuid.uuid4().hex[:12]}"
-    try:
+
+    def fill(staging: pathlib.Path) -> None:
         for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
-            (tmp / sub).mkdir(parents=True)
+            (staging / sub).mkdir(parents=True)
         for index in range(spec.num_training + spec.num_test):
             split = ("imagesTr", "labelsTr") if index < spec.num_training else ("imagesTs", "labelsTs")
-            _write_case(tmp, spec, index, *split, label_names=labels)
+            _write_case(staging, spec, index, *split, label_names=labels)
         dataset_json = _dataset_json(spec, name)
         dataset_json["description"] = (f"Synthetic abdominal CT-like volumes (nnunet_ext, deterministic); all "
                                        f"structures drawn, only {list(labels)} annotated.")
         dataset_json["labels"] = {"background": 0, **{n: i for i, n in enumerate(labels, start=1)}}
         dataset_json[METADATA_KEY] = metadata
-        (tmp / "dataset.json").write_text(json.dumps(dataset_json, indent=2) + "\n")
-        if folder.is_dir():
-            folder.rmdir()  # only reached when empty
-        os.rename(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)  # our own temporary folder only
+        atomic_io.write_json(staging / "dataset.json", dataset_json)
+
+    _write_new_folder(folder, fill)
     return folder
 
 

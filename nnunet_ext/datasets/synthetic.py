@@ -25,14 +25,14 @@ import operator
 import os
 import pathlib
 import re
-import shutil
-import uuid
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
+
+from nnunet_ext import atomic_io
 
 __all__ = [
     "ORGANS",
@@ -580,10 +580,21 @@ def _expected_files(spec: SyntheticSpec) -> list[str]:
 
 
 def _write_volume(array: np.ndarray, spacing_zyx: Sequence[float], path: pathlib.Path) -> None:
-    """Write a (Z, Y, X) array; SimpleITK wants spacing as (x, y, z), hence the reversal."""
+    """Write a (Z, Y, X) array atomically; SimpleITK wants spacing as (x, y, z), hence the reversal."""
     image = sitk.GetImageFromArray(array)
     image.SetSpacing(tuple(float(s) for s in reversed(spacing_zyx)))
-    sitk.WriteImage(image, str(path), True)
+    atomic_io.write_with(path, lambda temporary: sitk.WriteImage(image, str(temporary), True))
+
+
+def _write_new_folder(folder: pathlib.Path, fill: Callable[[pathlib.Path], None]) -> None:
+    """Build ``folder`` with ``fill`` in a private staging folder beside it and move it into place at the
+    end (an interrupted run leaves nothing). An empty ``folder`` that exists already is replaced;
+    the callers refuse non-empty ones before calling this. Staging folders of killed runs are removed."""
+    atomic_io.remove_stale_temporaries(folder.parent)
+    with atomic_io.staged_folder(folder) as staging:
+        fill(staging)
+        if folder.is_dir():
+            folder.rmdir()  # only reached when it is empty (checked by the caller); fails safely otherwise
 
 
 def _write_case(folder: pathlib.Path, spec: SyntheticSpec, case_index: int, images_dir: str, labels_dir: str,
@@ -622,8 +633,8 @@ def write_synthetic_dataset(raw_root: str | os.PathLike, dataset_id: int, name: 
 
     Safe to call repeatedly: an identical existing dataset is returned untouched; any
     other existing content raises FileExistsError and is never modified.  Data is written
-    to a hidden temporary sibling folder and renamed into place, so an interrupted run
-    never leaves a half-written dataset that looks complete.
+    to a private staging folder beside it and moved into place (:mod:`nnunet_ext.atomic_io`),
+    so an interrupted run never leaves a half-written dataset that looks complete.
     """
     if not isinstance(spec, SyntheticSpec):
         raise ValueError(f"spec must be a SyntheticSpec, got {type(spec).__name__}.")
@@ -642,16 +653,7 @@ def write_synthetic_dataset(raw_root: str | os.PathLike, dataset_id: int, name: 
         raise FileExistsError(
             f"{raw_root} already holds {conflicts} with dataset id {dataset_id}; nnU-Net could not tell them "
             f"apart from {folder.name}. Choose another dataset_id.")
-    raw_root.mkdir(parents=True, exist_ok=True)
-    tmp = raw_root / f".{folder.name}.partial-{uuid.uuid4().hex[:12]}"
-    try:
-        _write_dataset_into(tmp, spec, name)
-        if folder.is_dir():
-            folder.rmdir()  # only reached when it is empty (checked above); fails safely otherwise
-        os.rename(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)  # our own temporary folder only
+    _write_new_folder(folder, lambda staging: _write_dataset_into(staging, spec, name))
     return folder
 
 
@@ -662,5 +664,5 @@ def _write_dataset_into(folder: pathlib.Path, spec: SyntheticSpec, name: str) ->
     for index in range(spec.num_training + spec.num_test):
         split = ("imagesTr", "labelsTr") if index < spec.num_training else ("imagesTs", "labelsTs")
         _write_case(folder, spec, index, *split, label_names=spec.label_names)
-    (folder / "dataset.json").write_text(json.dumps(_dataset_json(spec, name), indent=2) + "\n")
+    atomic_io.write_json(folder / "dataset.json", _dataset_json(spec, name))
 

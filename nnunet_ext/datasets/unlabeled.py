@@ -8,17 +8,16 @@ generator and thrown away; nothing of them is written. Named ``synth_u000_0000.n
 
 Same safety rules as ``write_synthetic_dataset``: a complete folder written with the same spec and
 count is left as is, anything else already there is refused and never modified, and the folder is
-written under a temporary name and renamed into place.
+built in a private staging folder and moved into place (:mod:`nnunet_ext.atomic_io`).
 """
 from __future__ import annotations
 
 import json
 import os
 import pathlib
-import shutil
-import uuid
 
-from nnunet_ext.datasets.synthetic import (CASE_PREFIX, FILE_ENDING, SyntheticSpec, _write_volume,
+from nnunet_ext import atomic_io
+from nnunet_ext.datasets.synthetic import (CASE_PREFIX, FILE_ENDING, SyntheticSpec, _write_new_folder, _write_volume,
                                            dataset_folder_name, make_case, write_synthetic_dataset)
 from nnunet_ext.unlabeled.convention import UNLABELED_IMAGES_FOLDER
 
@@ -61,21 +60,16 @@ def write_unlabeled_images(raw_root: str | os.PathLike, dataset_id: int, name: s
         if not folder.is_dir() or any(folder.iterdir()):
             raise FileExistsError(f"{folder} already exists and was not written by this generator with the same spec "
                                   f"and count; it was left untouched. Remove it yourself or use another dataset.")
-    tmp = dataset / f".{UNLABELED_IMAGES_FOLDER}.partial-{uuid.uuid4().hex[:12]}"
-    try:
-        tmp.mkdir()
+
+    def fill(staging: pathlib.Path) -> None:
         first = spec.num_training + spec.num_test  # new anatomy: indices no labelled/test case uses
         for i in range(num_unlabeled):
             image, _ = make_case(spec, first + i)
             for c, channel in enumerate(image):
-                _write_volume(channel, spec.spacing, tmp / f"{unlabeled_case_identifier(i)}_{c:04d}{FILE_ENDING}")
-        (tmp / MARKER).write_text(json.dumps(_marker(spec, num_unlabeled), indent=2) + "\n")
-        if folder.is_dir():
-            folder.rmdir()  # only reached when empty (checked above)
-        os.rename(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)  # our own temporary folder only
+                _write_volume(channel, spec.spacing, staging / f"{unlabeled_case_identifier(i)}_{c:04d}{FILE_ENDING}")
+        atomic_io.write_json(staging / MARKER, _marker(spec, num_unlabeled))
+
+    _write_new_folder(folder, fill)
     return folder
 
 

@@ -28,10 +28,20 @@ What the merged dataset holds:
   regions refused, ignore label kept). Labels of structures a source does not annotate are 0
   there; the task-aware loss must treat 0 as "background or not annotated" for that task.
 
-Writing is atomic: a fresh merge is written into a hidden temporary sibling folder and renamed
-into place. The merge's inputs (source dataset.json hashes, case lists, options) are stored in
-dataset.json under ``nnunet_ext_merge``: re-running the same merge verifies the output and
-completes missing files; an output that exists with other content is refused, untouched.
+Before anything is written, every image and label of every source is decoded in full with the
+reader nnU-Net uses for that source and checked against its siblings (truncated or corrupt files,
+NaN/Inf intensities, a case of another dimensionality, channels or labels off the case's grid,
+label values that are not whole numbers or not in the source's dataset.json); each refusal names
+the file, the problem and the fix.
+
+Writing goes through :mod:`nnunet_ext.atomic_io`: a fresh merge is built in a private staging
+folder beside the output and moved into place at the end, so an interrupted merge (Ctrl-C, kill)
+leaves no output (a killed run's staging folder is removed by the next merge). Concurrent merges
+to one output take turns on a lock (``.DatasetNNN_NAME.lock`` in nnUNet_raw): the second waits,
+saying so, and then finds the first's result. The merge's inputs (source dataset.json hashes, case
+lists, options) are stored in dataset.json under ``nnunet_ext_merge``: re-running the same merge
+verifies the output (every file present and intact) and writes only what is missing or broken,
+each file atomically; an output that exists with other content is refused, untouched.
 """
 from __future__ import annotations
 
@@ -39,25 +49,28 @@ import json
 import os
 import re
 import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from nnunet_ext import atomic_io
+from nnunet_ext.image_checks import verify_gzip_stream
 from nnunet_ext.tasks.label_space import LabelSpace, SourceLabels, build_label_space
-from nnunet_ext.tasks.sources import MergeError, SourceDataset, find_dataset_folder, read_source
+from nnunet_ext.tasks.sources import MergeError, SourceDataset, check_source_files, find_dataset_folder, read_source
 from nnunet_ext.tasks.task_map import TASKS_KEY, TaskMap
 
 METADATA_KEY = "nnunet_ext_merge"
 MERGE_FORMAT_VERSION = 1
 DEFAULT_NAME = "Merged"
 PAD_CHANNEL_NAME = "zscore"  # nnU-Net maps it to per-image z-score normalisation
+#: how long a second merge to the same output waits for the first before it is refused
+LOCK_TIMEOUT_S = 1800.0
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
 
-__all__ = ["MergeError", "MergeOptions", "MergePlan", "MergeResult", "merge_datasets", "merged_channel_names",
-           "parse_rename_labels", "plan_merge"]
+__all__ = ["MergeError", "MergeOptions", "MergePlan", "MergeResult", "check_sources", "merge_datasets",
+           "merged_channel_names", "parse_rename_labels", "plan_merge", "write_zero_channel"]
 
 
 @dataclass(frozen=True)
@@ -94,6 +107,7 @@ class MergePlan:
     jobs: tuple[_Job, ...]
     label_space: LabelSpace
     task_map: TaskMap
+    sources: tuple[SourceDataset, ...] = ()
 
 
 @dataclass
@@ -234,46 +248,47 @@ def plan_merge(raw_root: str | os.PathLike, source_ids: Sequence[int], output_id
         "sources": [s.fingerprint() for s in sources], "options": options.content_options(),
     }
     dataset_json = json.loads(json.dumps(dataset_json))  # exactly what a re-read gives (str keys, lists)
-    return MergePlan(folder, dataset_json, tuple(jobs), space, TaskMap.from_dataset_json(dataset_json))
+    return MergePlan(folder, dataset_json, tuple(jobs), space, TaskMap.from_dataset_json(dataset_json),
+                     tuple(sources))
+
+
+# --- checking the sources' files ------------------------------------------------------------------
+
+
+def check_sources(plan: MergePlan) -> None:
+    """Decode every image and label of every source in full and check it against its siblings
+    (:func:`nnunet_ext.tasks.sources.check_source_files`); the sources must share one dimensionality."""
+    dims = {source.name: check_source_files(source) for source in plan.sources}
+    if len(set(dims.values())) > 1:
+        described = ", ".join(f"{name} is {d}D" for name, d in dims.items())
+        raise MergeError(f"the datasets have different dimensionality ({described}); nnU-Net trains one "
+                         f"dimensionality per dataset. Merge the 2D and the 3D datasets separately.")
 
 
 # --- writing ------------------------------------------------------------------------------------
 
 
-def _temporary(target: Path) -> Path:
-    """A hidden sibling that keeps the file ending (SimpleITK picks the format from it)."""
-    return target.with_name(f".tmp-{uuid.uuid4().hex[:12]}-{target.name}")
-
-
 def _place_image(source: Path, target: Path, copy: bool, result: MergeResult) -> None:
-    tmp = _temporary(target)
     if not copy:
         try:
-            os.link(source, tmp)
-            os.replace(tmp, target)
+            os.link(source, target)  # atomic by itself: the name appears complete or not at all
             result.linked += 1
             return
         except OSError:
             pass  # other filesystem, or links not allowed: copy instead
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
+    atomic_io.write_with(target, lambda temporary: shutil.copyfile(source, temporary))
     result.copied += 1
 
 
 def _write_image(image, target: Path) -> None:
     import SimpleITK as sitk
 
-    tmp = _temporary(target)
-    try:
-        sitk.WriteImage(image, str(tmp), True)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_io.write_with(target, lambda temporary: sitk.WriteImage(image, str(temporary), True))
 
 
-def _write_zero_channel(reference: Path, target: Path) -> None:
-    """A zero image with the reference file's size, geometry and pixel type (header read only)."""
+def write_zero_channel(reference: Path, target: Path) -> None:
+    """A zero image with the reference file's size, geometry and pixel type (header read only: the
+    reference has been decoded in full by the checks already), written atomically."""
     import SimpleITK as sitk
 
     reader = sitk.ImageFileReader()
@@ -290,17 +305,14 @@ def _write_zero_channel(reference: Path, target: Path) -> None:
 
 
 def _remap_label(source: Path, target: Path, lookup: Mapping[int, int], dataset: str) -> None:
-    """Rewrite a label map with merged values; a value the source's dataset.json lacks is an error."""
+    """Rewrite a label map with merged values (the checks have refused values the source's dataset.json
+    lacks; the table check here only guards that invariant)."""
     import SimpleITK as sitk
 
     image = sitk.ReadImage(str(source))
-    array = sitk.GetArrayViewFromImage(image)
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise MergeError(f"{source} is a multi-component image, not a label map; fix {dataset}.")
-    if np.issubdtype(array.dtype, np.floating):
-        if not np.all(np.isfinite(array)) or np.any(array != np.round(array)):
-            raise MergeError(f"{source} holds non-integer values; a label map holds whole numbers. Fix {dataset}.")
-    values = array.astype(np.int64, copy=False)
+    values = sitk.GetArrayViewFromImage(image).astype(np.int64)
     table = np.full(max(lookup) + 1, -1, dtype=np.int64)
     for source_value, merged_value in lookup.items():
         table[source_value] = merged_value
@@ -316,29 +328,34 @@ def _remap_label(source: Path, target: Path, lookup: Mapping[int, int], dataset:
     _write_image(out, target)
 
 
-def _run_jobs(plan: MergePlan, folder: Path, copy: bool, result: MergeResult, only_missing: bool) -> None:
+def _run_jobs(plan: MergePlan, folder: Path, jobs: Sequence[_Job], copy: bool, result: MergeResult) -> None:
     lookups = {task: plan.label_space.lookup_table(task) for task in plan.label_space.tasks}
     sources = {t.name: t.source for t in plan.task_map}
     for sub in ("imagesTr", "labelsTr", "imagesTs"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
-    for job in plan.jobs:
+    for job in jobs:
         target = folder / job.target
-        if only_missing and target.is_file():
-            continue
+        if target.exists() or target.is_symlink():
+            target.unlink()  # a file that failed the intact check of a re-run: written again
         if job.kind == "image":
             _place_image(job.source, target, copy, result)
         elif job.kind == "pad":
-            _write_zero_channel(job.source, target)
+            write_zero_channel(job.source, target)
             result.padded += 1
         else:
             _remap_label(job.source, target, lookups[job.task], sources[job.task])
             result.labels += 1
-    text = json.dumps(plan.dataset_json, indent=2) + "\n"
-    if only_missing and (folder / "dataset.json").is_file():
-        return
-    tmp = _temporary(folder / "dataset.json")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, folder / "dataset.json")
+
+
+def _intact(job: _Job, target: Path) -> bool:
+    """A cheap completeness check of one output file of an earlier run (every file we write appears
+    complete or not at all; this catches files truncated by older versions or by hand)."""
+    if not target.is_file():
+        return False
+    size = target.stat().st_size
+    if job.kind == "image":
+        return size == job.source.stat().st_size
+    return size > 0 and (not target.name.endswith(".gz") or verify_gzip_stream(target) is None)
 
 
 def _describe_difference(stored: Mapping[str, Any], planned: Mapping[str, Any]) -> str:
@@ -355,43 +372,63 @@ def _describe_difference(stored: Mapping[str, Any], planned: Mapping[str, Any]) 
     return f"a different dataset.json (keys {keys})"
 
 
+def _pending_jobs(plan: MergePlan) -> tuple[_Job, ...] | None:
+    """None when the output is still to be created (absent, or an empty folder); else the jobs whose
+    file is missing or not intact in the output of this same merge (empty: complete). Anything else
+    at the output is refused."""
+    folder = plan.folder
+    if not folder.exists() and not folder.is_symlink():
+        return None
+    stored = None
+    try:
+        stored = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        pass
+    if isinstance(stored, dict) and METADATA_KEY in stored:
+        if stored != plan.dataset_json:
+            raise MergeError(
+                f"{folder} already exists from a merge with {_describe_difference(stored, plan.dataset_json)}; "
+                f"it was left untouched. Choose another id with -o, or delete {folder} and merge again.")
+        return tuple(job for job in plan.jobs if not _intact(job, folder / job.target))
+    if folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir()):
+        return None
+    raise MergeError(f"{folder} already exists and was not written by 'nnunet-ext merge'; it was left "
+                     f"untouched. Choose another id with -o or name with --name.")
+
+
+def _create(plan: MergePlan, copy: bool, result: MergeResult) -> None:
+    """Build the whole merged dataset in a private staging folder and move it into place."""
+    with atomic_io.staged_folder(plan.folder) as staging:
+        _run_jobs(plan, staging, plan.jobs, copy, result)
+        atomic_io.write_json(staging / "dataset.json", plan.dataset_json)
+        if plan.folder.is_dir():
+            plan.folder.rmdir()  # an empty folder made beforehand (only reached when empty)
+
+
 def merge_datasets(raw_root: str | os.PathLike, source_ids: Sequence[int], output_id: int,
                    name: str = DEFAULT_NAME, options: MergeOptions = MergeOptions()) -> MergeResult:
     """Merge the raw datasets ``source_ids`` of ``raw_root`` into ``Dataset<output_id>_<name>``.
 
-    Safe to repeat: the same merge again verifies and completes the output; anything else that
-    exists there is refused and left untouched. Sources are only read.
+    Every source file is decoded and checked before anything is written. Safe to repeat: the same
+    merge again verifies and completes the output; anything else that exists there is refused and
+    left untouched. Concurrent runs on one output take turns (lock). Sources are only read.
     """
     plan = plan_merge(raw_root, source_ids, output_id, name, options)
-    folder = plan.folder
-    result = MergeResult(folder, plan.task_map, "created")
-    if folder.exists() or folder.is_symlink():
-        stored = None
-        try:
-            stored = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            pass
-        if isinstance(stored, dict) and METADATA_KEY in stored:
-            if stored != plan.dataset_json:
-                raise MergeError(
-                    f"{folder} already exists from a merge with {_describe_difference(stored, plan.dataset_json)}; "
-                    f"it was left untouched. Choose another id with -o, or delete {folder} and merge again.")
-            if all((folder / job.target).is_file() for job in plan.jobs):
-                result.status = "verified"  # nothing is written
-            else:
-                result.status = "completed"
-                _run_jobs(plan, folder, options.copy, result, only_missing=True)
-            return result
-        if not folder.is_dir() or any(folder.iterdir()):
-            raise MergeError(f"{folder} already exists and was not written by 'nnunet-ext merge'; it was left "
-                             f"untouched. Choose another id with -o or name with --name.")
-    tmp = folder.parent / f".{folder.name}.partial-{uuid.uuid4().hex[:12]}"
-    try:
-        _run_jobs(plan, tmp, options.copy, result, only_missing=False)
-        if folder.is_dir():
-            folder.rmdir()  # only when empty (checked above)
-        os.rename(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)  # our own temporary folder only
+    result = MergeResult(plan.folder, plan.task_map, "created")
+    if _pending_jobs(plan) == ():
+        result.status = "verified"  # complete already: nothing is read further or written
+        return result
+    check_sources(plan)
+    with atomic_io.exclusive(plan.folder, "merge", timeout=LOCK_TIMEOUT_S):
+        atomic_io.remove_stale_temporaries(plan.folder.parent)  # staging folders of killed merges
+        pending = _pending_jobs(plan)  # again: another merge may have finished while we waited
+        if pending is None:
+            _create(plan, options.copy, result)
+        elif pending:
+            result.status = "completed"
+            for sub in ("imagesTr", "labelsTr", "imagesTs"):
+                atomic_io.remove_stale_temporaries(plan.folder / sub)
+            _run_jobs(plan, plan.folder, pending, options.copy, result)
+        else:
+            result.status = "verified"
     return result

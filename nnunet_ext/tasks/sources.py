@@ -3,7 +3,10 @@
 Checked here, one source at a time, so every problem names the folder and the file: the
 dataset.json keys the merge needs, the channel files of every case (``<case>_XXXX<ending>``)
 and its label file, and a file ending whose files we can read and write with SimpleITK (the
-reader nnU-Net itself uses for these endings). Checks across sources (same file ending, label
+reader nnU-Net itself uses for these endings). :func:`check_source_files` then decodes every
+image and label in full with the reader nnU-Net uses for the source (truncated or corrupt files,
+NaN intensities, channels or labels off the case's grid, labels outside dataset.json, a case of
+another dimensionality). Checks across sources (same file ending and dimensionality, label
 collisions) live in :mod:`nnunet_ext.tasks.merge` and :mod:`nnunet_ext.tasks.label_space`.
 """
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -167,3 +171,35 @@ def read_source(folder: Path) -> SourceDataset:
             raise MergeError(f"{source.label(case)} is missing: every training case needs a label file. "
                              f"Add it or remove the case's images from {folder.name}.")
     return SourceDataset(folder, dataset_json, training, test)
+
+
+def check_source_files(source: SourceDataset) -> int:
+    """Decode every image and label of ``source`` (imagesTr, labelsTr, imagesTs) with the reader nnU-Net uses
+    for it and check each case against its siblings; returns the dataset's dimensionality (2 or 3).
+
+    The dimensionality is that of most cases, so the one odd case is the one named.
+    """
+    from nnunet_ext import image_checks
+
+    first = source.image("train", source.training[0], 0)
+    try:
+        reader = image_checks.reader_for(source.dataset_json, first)
+    except RuntimeError:  # nnU-Net's lookup by overwrite_image_reader_writer and file ending found nothing
+        raise MergeError(f"{source.folder / 'dataset.json'}: nnU-Net has no image reader for overwrite_image_"
+                         f"reader_writer {source.dataset_json.get('overwrite_image_reader_writer')!r} / file_ending "
+                         f"{source.file_ending!r}; fix those keys.") from None
+    allowed = image_checks.dataset_label_values(source.dataset_json)
+    found: list[image_checks.ImageInfo] = []
+    for split, cases in (("train", source.training), ("test", source.test)):
+        for case in cases:
+            images = [source.image(split, case, c) for c in range(source.num_channels)]
+            label = source.label(case) if split == "train" else None
+            found.append(image_checks.check_case(images, reader, label=label, allowed_labels=allowed))
+    counts = Counter(info.spatial_dims for info in found)
+    dims = max(counts, key=lambda d: (counts[d], d))
+    odd = next((info for info in found if info.spatial_dims != dims), None)
+    if odd is not None:
+        raise MergeError(f"{odd.path}: a {odd.spatial_dims}D image in a {dims}D dataset ({counts[dims]} of "
+                         f"{len(found)} cases of {source.name} are {dims}D). Remove the case or convert it to "
+                         f"{dims}D.")
+    return dims

@@ -1,0 +1,565 @@
+"""Hostile input to ``nnunet-ext merge`` and ``nnunet-ext predict --task``: refused with one line, nothing written.
+
+Every refusal is checked with :func:`nnunet_ext.testing.hostile.assert_refused`: exit code non-zero,
+a message naming the problem, no traceback, inputs byte-identical, no partial output and no
+temporary files. Interrupts (Ctrl-C) and concurrent runs are checked for "no partial output" and
+"a rerun / the second run gives what a single run gives". Images are tiny (8 x 16 x 16) and
+written here, so the whole file runs in seconds; the predictor is a stand-in that writes
+merged-space labels (the real one is exercised by tests/test_universal.py).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from nnunet_ext import atomic_io
+from nnunet_ext.tasks import merge as merge_module
+from nnunet_ext.tasks.merge import merge_datasets
+from nnunet_ext.testing.hostile import assert_refused, run_cli, run_command, snapshot, temporaries
+
+SHAPE = (8, 16, 16)
+SPACING = (1.0, 1.0, 2.0)  # SimpleITK order (x, y, z)
+ALPHA_LABELS = {"background": 0, "liver": 1, "kidney": 2}
+BETA_LABELS = {"background": 0, "spleen": 1, "liver": 2}  # liver has another value than in Alpha
+OUTPUT = "Dataset900_Out"
+MERGE = ["merge", "-d", "1", "2", "-o", "900", "--name", "Out"]
+
+
+# ---------------------------------------------------------------------------- tiny raw datasets
+
+
+def _write(array: np.ndarray, path: Path, spacing=SPACING, direction=None) -> Path:
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(spacing[: array.ndim])
+    if direction is not None:
+        image.SetDirection(direction)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image, str(path), True)
+    return path
+
+
+def _intensities(seed: int, shape=SHAPE) -> np.ndarray:
+    return np.random.default_rng(seed).normal(0.0, 1.0, shape).astype(np.float32)
+
+
+def _label(shape=SHAPE, values=(1, 2)) -> np.ndarray:
+    label = np.zeros(shape, dtype=np.uint8)
+    for k, value in enumerate(values):
+        label[1 + 3 * k: 3 + 3 * k] = value
+    return label
+
+
+def _make_source(raw: Path, dataset_id: int, name: str, labels: dict, channels: int, train: int = 2,
+                 test: int = 1) -> Path:
+    folder = raw / f"Dataset{dataset_id:03d}_{name}"
+    for i in range(train + test):
+        images = "imagesTr" if i < train else "imagesTs"
+        for c in range(channels):
+            _write(_intensities(100 * dataset_id + 10 * i + c), folder / images / f"c{i}_{c:04d}.nii.gz")
+        if i < train:
+            _write(_label(), folder / "labelsTr" / f"c{i}.nii.gz")
+    (folder / "dataset.json").write_text(json.dumps({
+        "channel_names": {str(c): "MRI" for c in range(channels)}, "labels": labels, "numTraining": train,
+        "file_ending": ".nii.gz"}))
+    return folder
+
+
+@pytest.fixture
+def raw(tmp_path: Path) -> Path:
+    """Alpha (1 channel, 2 training + 1 test case) and Beta (2 channels) in a fresh nnUNet_raw."""
+    root = tmp_path / "nnUNet_raw"
+    _make_source(root, 1, "Alpha", ALPHA_LABELS, 1)
+    _make_source(root, 2, "Beta", BETA_LABELS, 2)
+    return root
+
+
+def _env(raw: Path) -> dict[str, str]:
+    return dict(os.environ, nnUNet_raw=str(raw))
+
+
+def _checksums(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _error_line(outcome, command: str) -> str:
+    """The refusal is exactly one line ``nnunet-ext CMD: error: ...`` on stderr."""
+    lines = [line for line in outcome.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"nnunet-ext {command}: error: "), outcome.output
+    return lines[0]
+
+
+# ---------------------------------------------------------------------------- merge: bad sources
+
+
+def _truncate(path: Path, fraction: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * fraction)])
+
+
+def _source(raw: Path, name: str) -> Path:
+    return next(raw.glob(f"Dataset*_{name}"))
+
+
+def _two_d_case(raw: Path) -> None:
+    alpha = _source(raw, "Alpha")
+    _write(_intensities(7, SHAPE[1:]), alpha / "imagesTr" / "c1_0000.nii.gz")
+    _write(_label(SHAPE[1:], values=(1,)), alpha / "labelsTr" / "c1.nii.gz")
+
+
+def _float_label(raw: Path) -> None:
+    label = _label().astype(np.float32)
+    label[0, 0, 0] = 0.5
+    _write(label, _source(raw, "Alpha") / "labelsTr" / "c0.nii.gz")
+
+
+def _use_reader(dataset_json: Path, reader: str) -> None:
+    content = json.loads(dataset_json.read_text())
+    dataset_json.write_text(json.dumps({**content, "overwrite_image_reader_writer": reader}))
+
+
+def _nan_image(raw: Path, split: str = "imagesTr", case: str = "c1", value: float = np.nan) -> None:
+    """A NaN/Inf voxel, in datasets read with NibabelIO: ITK's NIfTI reader (SimpleITKIO) hands NaN and Inf
+    to nnU-Net as 0, nibabel keeps them; the check sees what the dataset's own reader returns."""
+    image = _intensities(3)
+    image[4, 8, 8] = value
+    _write(image, _source(raw, "Beta") / split / f"{case}_0001.nii.gz")
+    for name in ("Alpha", "Beta"):
+        _use_reader(_source(raw, name) / "dataset.json", "NibabelIO")
+
+
+def _json_file(raw: Path, text: str | None) -> None:
+    path = _source(raw, "Beta") / "dataset.json"
+    if text is None:
+        path.unlink()
+    else:
+        path.write_text(text)
+
+
+MERGE_SOURCE_CASES = {
+    "truncated_image": (lambda raw: _truncate(_source(raw, "Alpha") / "imagesTr" / "c1_0000.nii.gz"),
+                        ["c1_0000.nii.gz", "truncated"]),
+    "truncated_label": (lambda raw: _truncate(_source(raw, "Beta") / "labelsTr" / "c0.nii.gz", 0.9),
+                        ["labelsTr/c0.nii.gz", "truncated"]),
+    "zero_byte_image": (lambda raw: (_source(raw, "Beta") / "imagesTr" / "c0_0001.nii.gz").write_bytes(b""),
+                        ["c0_0001.nii.gz", "empty (0 bytes)"]),
+    "text_named_nii_gz": (lambda raw: (_source(raw, "Alpha") / "imagesTs" / "c2_0000.nii.gz").write_text(
+        "patient notes, not an image\n"), ["imagesTs/c2_0000.nii.gz", "cannot be decoded"]),
+    "2d_case_in_3d_source": (_two_d_case, ["c1_0000.nii.gz", "a 2D image in a 3D dataset"]),
+    "channel_with_other_shape": (lambda raw: _write(_intensities(5, (8, 16, 15)),
+                                                    _source(raw, "Beta") / "imagesTr" / "c1_0001.nii.gz"),
+                                 ["c1_0001.nii.gz", "shape", "every channel of a case must share one grid"]),
+    "label_with_other_spacing": (lambda raw: _write(_label(), _source(raw, "Alpha") / "labelsTr" / "c0.nii.gz",
+                                                    spacing=(1.0, 1.0, 3.0)),
+                                 ["labelsTr/c0.nii.gz", "spacing", "Resample it"]),
+    "label_with_other_direction": (lambda raw: _write(_label(), _source(raw, "Alpha") / "labelsTr" / "c1.nii.gz",
+                                                      direction=(-1, 0, 0, 0, 1, 0, 0, 0, 1)),
+                                   ["labelsTr/c1.nii.gz", "direction"]),
+    "label_value_not_in_dataset_json": (lambda raw: _write(_label(values=(1, 7)),
+                                                           _source(raw, "Beta") / "labelsTr" / "c1.nii.gz"),
+                                        ["labelsTr/c1.nii.gz", "[7]", "not in the dataset's labels"]),
+    "float_label_0.5": (_float_label, ["labelsTr/c0.nii.gz", "not whole numbers"]),
+    "nan_intensity": (_nan_image, ["c1_0001.nii.gz", "NaN or infinite"]),
+    "inf_intensity_in_test_case": (lambda raw: _nan_image(raw, "imagesTs", "c2", np.inf),
+                                   ["imagesTs/c2_0001.nii.gz", "NaN or infinite"]),
+    "missing_channel_file": (lambda raw: (_source(raw, "Beta") / "imagesTr" / "c0_0001.nii.gz").unlink(),
+                             ["c0_XXXX.nii.gz", "missing channel(s) [1]"]),
+    "missing_label_file": (lambda raw: (_source(raw, "Alpha") / "labelsTr" / "c1.nii.gz").unlink(),
+                           ["labelsTr/c1.nii.gz", "is missing"]),
+    "dataset_json_missing": (lambda raw: _json_file(raw, None), ["Dataset002_Beta/dataset.json", "does not exist"]),
+    "dataset_json_invalid": (lambda raw: _json_file(raw, '{"labels": {"background": 0,'),
+                             ["Dataset002_Beta/dataset.json", "cannot be read as JSON"]),
+    "dataset_json_not_an_object": (lambda raw: _json_file(raw, "[1, 2, 3]"), ["must hold a JSON object"]),
+}
+
+
+@pytest.mark.parametrize("case", list(MERGE_SOURCE_CASES))
+def test_merge_refuses_bad_source_files_before_writing(raw: Path, case: str) -> None:
+    mutate, needles = MERGE_SOURCE_CASES[case]
+    mutate(raw)
+    before = snapshot(raw)
+    outcome = run_cli(MERGE, _env(raw))
+    assert_refused(outcome, needles, before=before, after=snapshot(raw), absent=[raw / OUTPUT], clean=[raw])
+    _error_line(outcome, "merge")
+    assert outcome.returncode == 2
+
+
+def test_merge_refuses_sources_of_different_dimensionality(raw: Path) -> None:
+    alpha = _source(raw, "Alpha")
+    for path in sorted(alpha.rglob("*.nii.gz")):
+        array = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+        _write(array[0], path)  # every Alpha case 2D, Beta 3D
+    before = snapshot(raw)
+    outcome = run_cli(MERGE, _env(raw))
+    assert_refused(outcome, ["different dimensionality", "Dataset001_Alpha is 2D", "Dataset002_Beta is 3D"],
+                   before=before, after=snapshot(raw), absent=[raw / OUTPUT], clean=[raw])
+
+
+HOSTILE_ARGUMENTS = {
+    "task_name_with_quotes": (["--task-names", 'a"; touch {pwned}; "', "B"], ["task name", "only letters"]),
+    "task_name_with_newline": (["--task-names", "a\nb", "B"], ["task name 'a\\nb'", "only letters"]),
+    "dataset_name_with_command_substitution": (["--name", "$(touch {pwned})"], ["--name", "only letters"]),
+    "rename_label_with_newline": (["--rename-label", "Alpha:liver=li\nver"], ["expected TASK:OLD=NEW"]),
+    "rename_label_unknown_task": (["--rename-label", 'x";id;":liver=a'], ["unknown task"]),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_ARGUMENTS))
+def test_merge_refuses_hostile_names_without_running_them(raw: Path, tmp_path: Path, case: str) -> None:
+    extra, needles = HOSTILE_ARGUMENTS[case]
+    pwned = tmp_path / "pwned"
+    argv = MERGE[:-2] + [a.format(pwned=pwned) for a in extra] if "--name" in extra else \
+        MERGE + [a.format(pwned=pwned) for a in extra]
+    before = snapshot(raw)
+    outcome = run_cli(argv, _env(raw))
+    assert_refused(outcome, needles, before=before, after=snapshot(raw), absent=[raw / OUTPUT], clean=[raw])
+    _error_line(outcome, "merge")
+    assert not pwned.exists()
+    assert [p.name for p in raw.iterdir()] and all(p.name.startswith("Dataset00") for p in raw.iterdir())
+
+
+def test_merge_refuses_an_output_folder_with_foreign_content(raw: Path) -> None:
+    foreign = raw / OUTPUT
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine\n")
+    before = snapshot(raw)
+    outcome = run_cli(MERGE, _env(raw))
+    assert_refused(outcome, [OUTPUT, "not written by 'nnunet-ext merge'", "left untouched"],
+                   before=before, after=snapshot(raw), clean=[raw])
+    assert (foreign / "notes.txt").read_text() == "mine\n"
+
+
+# ---------------------------------------------------------------------------- merge: interrupts and concurrency
+
+
+class _InterruptAfter:
+    """Wraps a writer; Ctrl-C (KeyboardInterrupt) at its ``count``-th call, as a user's ^C would arrive."""
+
+    def __init__(self, writer, count: int) -> None:
+        self.writer, self.count, self.calls = writer, count, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == self.count:
+            raise KeyboardInterrupt
+        return self.writer(*args, **kwargs)
+
+
+def _reference_merge(raw: Path, tmp_path: Path) -> dict[str, str]:
+    """Checksums of what one uninterrupted merge of these sources writes (in a copy of nnUNet_raw)."""
+    copy = tmp_path / "reference_raw"
+    shutil.copytree(raw, copy)
+    merge_datasets(copy, [1, 2], 900, "Out")
+    return _checksums(copy / OUTPUT)
+
+
+def test_ctrl_c_mid_merge_leaves_nothing_and_a_rerun_finishes(raw: Path, tmp_path: Path, monkeypatch) -> None:
+    expected = _reference_merge(raw, tmp_path)
+    before = snapshot(raw)
+    monkeypatch.setattr(merge_module, "_remap_label", _InterruptAfter(merge_module._remap_label, 3))
+    outcome = run_cli(MERGE, _env(raw))
+    assert_refused(outcome, ["Interrupted"], before=before, after=snapshot(raw), absent=[raw / OUTPUT], clean=[raw])
+    assert outcome.returncode == 130
+    monkeypatch.undo()
+    rerun = run_cli(MERGE, _env(raw))
+    assert rerun.returncode == 0 and "Wrote" in rerun.stdout, rerun.output
+    assert _checksums(raw / OUTPUT) == expected
+    assert not temporaries(raw)
+
+
+def test_ctrl_c_while_completing_keeps_every_file_whole_and_a_rerun_completes(raw: Path, monkeypatch) -> None:
+    merge_datasets(raw, [1, 2], 900, "Out")
+    complete = _checksums(raw / OUTPUT)
+    removed = ["labelsTr/T00Alpha_c0.nii.gz", "labelsTr/T01Beta_c1.nii.gz", "imagesTr/T00Alpha_c1_0001.nii.gz"]
+    for name in removed:
+        (raw / OUTPUT / name).unlink()
+    _truncate(raw / OUTPUT / "labelsTr" / "T01Beta_c0.nii.gz")  # e.g. from a version without atomic writes
+    monkeypatch.setattr(merge_module, "_remap_label", _InterruptAfter(merge_module._remap_label, 2))
+    outcome = run_cli(MERGE, _env(raw))
+    assert outcome.returncode == 130 and not temporaries(raw)
+    partial = _checksums(raw / OUTPUT)
+    assert all(complete[name] == digest for name, digest in partial.items()), "a file was left half-written"
+    monkeypatch.undo()
+    result = merge_datasets(raw, [1, 2], 900, "Out")
+    assert result.status == "completed" and _checksums(raw / OUTPUT) == complete
+
+
+def test_staging_folder_of_a_killed_merge_is_removed_by_the_next(raw: Path) -> None:
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname().split(".")[0]
+    leftover = raw / f"{atomic_io.STAGING_PREFIX}{host}.{dead.stdout.strip()}.0badc0de.{OUTPUT}"
+    (leftover / "labelsTr").mkdir(parents=True)
+    (leftover / "labelsTr" / "T00Alpha_c0.nii.gz").write_bytes(b"\x1f\x8b half")
+    result = merge_datasets(raw, [1, 2], 900, "Out")
+    assert result.status == "created" and not leftover.exists() and not temporaries(raw)
+
+
+def test_merge_is_refused_clearly_while_another_merge_holds_the_output(raw: Path, monkeypatch) -> None:
+    held, release = threading.Event(), threading.Event()
+
+    def other_merge() -> None:
+        with atomic_io.exclusive(raw / OUTPUT, "merge"):
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=other_merge)
+    holder.start()
+    try:
+        assert held.wait(30)
+        monkeypatch.setattr(merge_module, "LOCK_TIMEOUT_S", 0.3)
+        before = snapshot(raw)
+        outcome = run_cli(MERGE, _env(raw))
+    finally:
+        release.set()
+        holder.join()
+    assert_refused(outcome, ["waiting up to 0.3 s", f"{OUTPUT} is in use by another merge", "nothing was written"],
+                   before=before, after=snapshot(raw), absent=[raw / OUTPUT], clean=[raw])
+
+
+def test_merge_waits_for_the_other_and_then_gives_a_single_runs_result(raw: Path, tmp_path: Path) -> None:
+    expected = _reference_merge(raw, tmp_path)
+    held, release = threading.Event(), threading.Event()
+
+    def other_merge() -> None:
+        with atomic_io.exclusive(raw / OUTPUT, "merge"):
+            held.set()
+            release.wait(30)
+            merge_module._create(merge_module.plan_merge(raw, [1, 2], 900, "Out"), False,
+                                 merge_module.MergeResult(raw / OUTPUT, None, "created"))
+
+    holder = threading.Thread(target=other_merge)
+    holder.start()
+    assert held.wait(30)
+    threading.Timer(0.5, release.set).start()
+    outcome = run_cli(MERGE, _env(raw))
+    holder.join()
+    assert outcome.returncode == 0, outcome.output
+    assert "another merge is using" in outcome.stderr and "already holds this merge" in outcome.stdout
+    assert _checksums(raw / OUTPUT) == expected and not temporaries(raw)
+
+
+def test_two_concurrent_merge_commands_give_a_single_runs_result(raw: Path, tmp_path: Path) -> None:
+    """Two real ``nnunet-ext merge`` processes on one output (today's raw OSError)."""
+    expected = _reference_merge(raw, tmp_path)
+    command = [shutil.which("nnunet-ext") or "nnunet-ext", *MERGE]
+    processes = [subprocess.Popen(command, env=_env(raw), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for _ in range(2)]
+    outputs = [p.communicate(timeout=300) for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], outputs
+    assert sorted("Wrote" in out for out, _ in outputs) == [False, True], outputs
+    assert any("already holds this merge" in out for out, _ in outputs), outputs
+    assert all("Traceback" not in err for _, err in outputs), outputs
+    assert _checksums(raw / OUTPUT) == expected and not temporaries(raw)
+
+
+def test_rerun_of_an_identical_merge_writes_nothing(raw: Path) -> None:
+    first = run_cli(MERGE, _env(raw))
+    assert first.returncode == 0, first.output
+    before = {p: p.stat().st_mtime_ns for p in (raw / OUTPUT).rglob("*")}
+    again = run_command([shutil.which("nnunet-ext") or "nnunet-ext", *MERGE], env=_env(raw))
+    assert again.returncode == 0 and "already holds this merge, complete; nothing written" in again.stdout
+    assert {p: p.stat().st_mtime_ns for p in (raw / OUTPUT).rglob("*")} == before
+
+
+# ---------------------------------------------------------------------------- predict --task
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    """A model folder of a merge of Alpha and Beta: dataset.json, plans.json and fold_0 checkpoints (the
+    network itself comes from the stand-in predictor below)."""
+    import torch
+
+    root = tmp_path_factory.mktemp("model_root")
+    raw = root / "nnUNet_raw"
+    _make_source(raw, 1, "Alpha", ALPHA_LABELS, 1)
+    _make_source(raw, 2, "Beta", BETA_LABELS, 2)
+    merged = merge_datasets(raw, [1, 2], 900, "Out").folder
+    folder = root / "Dataset900_Out" / "nnUNetUniversalTrainer__nnUNetPlans__3d_fullres"
+    (folder / "fold_0").mkdir(parents=True)
+    shutil.copy(merged / "dataset.json", folder / "dataset.json")
+    (folder / "plans.json").write_text(json.dumps({"original_median_spacing_after_transp": [2.0, 1.0, 1.0]}))
+    for name in ("checkpoint_final.pth", "checkpoint_best.pth", "checkpoint_latest.pth"):
+        torch.save({"name": name}, folder / "fold_0" / name)
+    shutil.copytree(_source(raw, "Beta") / "imagesTs", root / "beta_images")
+    return folder
+
+
+@pytest.fixture
+def predict_case(model: Path, tmp_path: Path):
+    """A private copy of the model folder and of Beta's test images (2 channels) per test."""
+    model_copy, images = tmp_path / "model", tmp_path / "images"
+    shutil.copytree(model, model_copy)
+    shutil.copytree(model.parents[1] / "beta_images", images)
+    return model_copy, images, tmp_path / "predictions"
+
+
+def _predict(model: Path, images: Path, output: Path, task: str = "Beta", *extra: str):
+    return run_cli(["predict", "--task", task, "-i", str(images), "-o", str(output), "-m", str(model),
+                    "-device", "cpu", "-npp", "1", "-nps", "1", *extra])
+
+
+def _model_json(model: Path, text: str) -> None:
+    (model / "dataset.json").write_text(text)
+
+
+def _foreign_output(output: Path) -> None:
+    output.mkdir()
+    (output / "my_segmentation.nii.gz").write_bytes(b"precious")
+
+
+def _other_task_output(output: Path) -> None:
+    output.mkdir()
+    (output / "dataset.json").write_text(json.dumps({"labels": ALPHA_LABELS, "file_ending": ".nii.gz",
+                                                      "nnunet_ext_task": {"task": "Alpha"}}))
+
+
+PREDICT_CASES = {
+    # name: (change(model, images, output), extra CLI arguments, task, needles)
+    "model_without_checkpoint_final": (
+        lambda m, i, o: (m / "fold_0" / "checkpoint_final.pth").unlink(), [], "Beta",
+        ["no checkpoint_final.pth in fold_0", "fold_0: checkpoint_best.pth, checkpoint_latest.pth",
+         "-chk checkpoint_best.pth"]),
+    "truncated_checkpoint": (lambda m, i, o: _truncate(m / "fold_0" / "checkpoint_final.pth"), [], "Beta",
+                             ["checkpoint_final.pth is truncated", "-chk checkpoint_best.pth"]),
+    "missing_fold": (lambda m, i, o: None, ["-f", "3"], "Beta", ["no checkpoint_final.pth in fold_3"]),
+    "fold_not_a_number": (lambda m, i, o: None, ["-f", "0;id"], "Beta", ["a fold is a number"]),
+    "checkpoint_as_a_path": (lambda m, i, o: None, ["-chk", "../../../etc/passwd"], "Beta", ["not a path"]),
+    "model_dataset_json_invalid": (lambda m, i, o: _model_json(m, "{not json"), [], "Beta",
+                                   ["dataset.json cannot be read as JSON"]),
+    "model_folder_missing": (lambda m, i, o: shutil.rmtree(m), [], "Beta",
+                             ["is not a trained nnU-Net model folder"]),
+    "task_name_with_quotes": (lambda m, i, o: None, [], 'a"; touch pwned; "',
+                              ["Unknown task 'a\"; touch pwned; \"'", "Beta"]),
+    "task_name_with_newline": (lambda m, i, o: None, [], "Beta\nrm -rf /", ["Unknown task 'Beta\\nrm -rf /'"]),
+    "truncated_input_image": (lambda m, i, o: _truncate(i / "c2_0001.nii.gz"), [], "Beta",
+                              ["c2_0001.nii.gz", "truncated"]),
+    "text_file_as_input": (lambda m, i, o: (i / "c2_0000.nii.gz").write_text("hello"), [], "Beta",
+                           ["c2_0000.nii.gz", "cannot be decoded"]),
+    "nan_in_input": (lambda m, i, o: (_write(np.full(SHAPE, np.nan, np.float32), i / "c2_0001.nii.gz"),
+                                      _use_reader(m / "dataset.json", "NibabelIO")), [], "Beta",
+                     ["c2_0001.nii.gz", "NaN or infinite"]),
+    "input_channel_with_other_shape": (lambda m, i, o: _write(_intensities(1, (8, 15, 16)), i / "c2_0001.nii.gz"),
+                                       [], "Beta", ["c2_0001.nii.gz", "shape"]),
+    "2d_input_for_a_3d_model": (lambda m, i, o: [_write(_intensities(c, SHAPE[1:]), i / f"c2_{c:04d}.nii.gz")
+                                                 for c in range(2)], [], "Beta", ["a 2D image in a 3D dataset"]),
+    "missing_channel_file": (lambda m, i, o: (i / "c2_0001.nii.gz").unlink(), [], "Beta",
+                             ["channel files [0]", "task 'Beta' needs 2 channels"]),
+    "channel_numbers_with_a_gap": (lambda m, i, o: (i / "c2_0001.nii.gz").rename(i / "c2_0002.nii.gz"), [], "Alpha",
+                                   ["channel files [0, 2]", "task 'Alpha' needs 1 (or 2, already padded)"]),
+    "input_folder_missing": (lambda m, i, o: shutil.rmtree(i), [], "Beta", ["does not exist"]),
+    "output_with_foreign_content": (lambda m, i, o: _foreign_output(o), [], "Beta",
+                                    ["not written by 'nnunet-ext predict'", "my_segmentation.nii.gz"]),
+    "output_with_another_tasks_predictions": (lambda m, i, o: _other_task_output(o), [], "Beta",
+                                              ["holds predictions of task 'Alpha'"]),
+}
+
+
+@pytest.mark.parametrize("case", list(PREDICT_CASES))
+def test_predict_refuses_hostile_input_before_writing(predict_case, case: str, monkeypatch) -> None:
+    model, images, output = predict_case
+    change, extra, task, needles = PREDICT_CASES[case]
+    change(model, images, output)
+    monkeypatch.setattr("nnunet_ext.compat.predictor", _no_predictor)
+    before = snapshot(model, images, output)
+    outcome = _predict(model, images, output, task, *extra)
+    assert_refused(outcome, needles, before=before, after=snapshot(model, images, output),
+                   absent=[] if output.exists() else [output], clean=[output.parent])
+    _error_line(outcome, "predict")
+    assert not (Path.cwd() / "pwned").exists()
+
+
+def _no_predictor(*args, **kwargs):
+    raise AssertionError("the predictor was built although the input should have been refused")
+
+
+class _FakePredictor:
+    """Stands in for nnU-Net's predictor: records its arguments and writes, per case, a merged-space label map
+    (merged value 3 = spleen, 1 = liver) on the grid of the case's first channel."""
+
+    calls: list[dict] = []
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.network = type("Net", (), {"set_task": lambda self, task_id: _FakePredictor.calls.append(
+            {"task_id": task_id})})()
+        self.trainer_name = "nnUNetUniversalTrainer"
+
+    def initialize_from_trained_model_folder(self, folder, folds, checkpoint_name):
+        _FakePredictor.calls.append({"folds": tuple(folds), "checkpoint": checkpoint_name})
+
+    def predict_from_files(self, input_folder, output_folder, **kwargs):
+        os.makedirs(output_folder, exist_ok=True)
+        inputs = sorted(Path(input_folder).iterdir())
+        _FakePredictor.calls.append({"inputs": [p.name for p in inputs]})
+        for first in (p for p in inputs if p.name.endswith("_0000.nii.gz")):
+            reference = sitk.ReadImage(str(first))
+            label = np.zeros(SHAPE, np.uint8)
+            label[:4], label[4:6] = 3, 1
+            image = sitk.GetImageFromArray(label)
+            image.CopyInformation(reference)
+            sitk.WriteImage(image, str(Path(output_folder) / first.name.replace("_0000", "")), True)
+
+
+@pytest.fixture
+def fake_predictor(monkeypatch):
+    _FakePredictor.calls = []
+    monkeypatch.setattr("nnunet_ext.compat.predictor", lambda *args, **kwargs: _FakePredictor())
+    return _FakePredictor
+
+
+def test_predict_with_chk_best_when_final_is_missing(predict_case, fake_predictor) -> None:
+    model, images, output = predict_case
+    (model / "fold_0" / "checkpoint_final.pth").unlink()
+    before = snapshot(images)
+    outcome = _predict(model, images, output, "Beta", "-chk", "checkpoint_best.pth")
+    assert outcome.returncode == 0, outcome.output
+    assert {"folds": (0,), "checkpoint": "checkpoint_best.pth"} in fake_predictor.calls
+    assert {"task_id": 1} in fake_predictor.calls
+    label = sitk.GetArrayFromImage(sitk.ReadImage(str(output / "c2.nii.gz")))
+    assert (label[:4] == 1).all() and (label[4:6] == 2).all() and (label[6:] == 0).all()  # Beta's own values
+    written = json.loads((output / "dataset.json").read_text())
+    assert written["labels"] == BETA_LABELS and written["nnunet_ext_task"]["task"] == "Beta"
+    assert snapshot(images) == before and not temporaries(output.parent)
+    # an earlier prediction of the same task is ours: predicting again replaces its files
+    again = _predict(model, images, output, "Beta", "-chk", "checkpoint_best.pth")
+    assert again.returncode == 0, again.output
+    assert sorted(p.name for p in output.iterdir()) == ["c2.nii.gz", "dataset.json"]
+
+
+def test_predict_pads_a_one_channel_task_to_the_merged_channel_count(predict_case, fake_predictor) -> None:
+    model, images, output = predict_case
+    (images / "c2_0001.nii.gz").unlink()
+    outcome = _predict(model, images, output, "Alpha")
+    assert outcome.returncode == 0, outcome.output
+    assert {"inputs": ["c2_0000.nii.gz", "c2_0001.nii.gz"]} in fake_predictor.calls
+    label = sitk.GetArrayFromImage(sitk.ReadImage(str(output / "c2.nii.gz")))
+    assert set(np.unique(label).tolist()) == {0, 1}  # merged 3 (spleen) is not Alpha's; liver stays 1
+
+
+def test_ctrl_c_mid_predict_leaves_no_output_and_a_rerun_finishes(predict_case, fake_predictor, monkeypatch) -> None:
+    from nnunet_ext.tasks import predict as predict_module
+
+    model, images, output = predict_case
+    before = snapshot(model, images)
+    monkeypatch.setattr(predict_module, "export_to_source_labels",
+                        _InterruptAfter(predict_module.export_to_source_labels, 1))
+    outcome = _predict(model, images, output)
+    assert_refused(outcome, ["Interrupted"], before=before, after=snapshot(model, images), absent=[output],
+                   clean=[output.parent])
+    assert not [p for p in output.parent.iterdir() if p.name.startswith(atomic_io.STAGING_PREFIX)]
+    monkeypatch.undo()
+    monkeypatch.setattr("nnunet_ext.compat.predictor", lambda *args, **kwargs: _FakePredictor())
+    rerun = _predict(model, images, output)
+    assert rerun.returncode == 0, rerun.output
+    assert sorted(p.name for p in output.iterdir()) == ["c2.nii.gz", "dataset.json"]
