@@ -20,6 +20,18 @@ Outputs: with deep supervision, one flat list ``[seg_0, ..., seg_{n-1}, bdr_0, .
 splits it). A flat list of tensors keeps nnU-Net's validation step (``output[0]``) and
 ``torch.compile`` working without state on the module. Without deep supervision (what nnU-Net's
 predictor builds) only the full-resolution segmentation logits are returned.
+
+``conventions`` (constructor keyword, settable in the plans' ``arch_kwargs``):
+
+* ``"default"``: nnU-Net v2's decoders (each decoder stage with its skip's kernel; biased transposed
+  convolutions and 1x1 heads);
+* ``"official"``: the official ``generic_BANetV2``, whose state dict loads strictly after
+  :meth:`BANet.from_official_state_dict` (48,366,848 parameters at :func:`paper_banet`'s
+  configuration): nnU-Net v1's decoders, i.e. no biases on the transposed convolutions and heads
+  of both decoders (20 tensors at 5 pools; the outputs equal the default's when those biases are
+  zero) and each decoder stage with the next-coarser stage's kernel (the same network for plans
+  whose stages share one kernel), see :mod:`nnunet_ext.architectures.blocks.nnunet_v1`. Plain
+  encoder only (the official network is nnU-Net v1's ``Generic_UNet``).
 """
 from __future__ import annotations
 
@@ -35,6 +47,10 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.dropout import _DropoutNd
 
+from nnunet_ext.architectures.blocks.nnunet_v1 import (OfficialNames, OfficialStateDict, check_conventions,
+                                                       decoder_view, remove_decoder_biases, require_two_convs,
+                                                       v1_decoder_kernel_sizes)
+
 BOUNDARY_CHANNELS = 2  # softmax over {not boundary, boundary}, as the official heads
 
 IntOrList = Union[int, List[int], tuple]
@@ -44,15 +60,21 @@ class BoundaryAwareDecoder(nn.Module):
     """A boundary ``UNetDecoder`` and a segmentation ``UNetDecoder``, run stage by stage together.
 
     ``deep_supervision`` is the switch nnU-Net flips for inference; both decoders always build
-    their heads (as UNetDecoder does), so weights load in either mode.
+    their heads (as UNetDecoder does), so weights load in either mode. ``official``: nnU-Net v1's
+    kernel rule and bias-free transposed convs and heads (module docstring).
     """
 
     def __init__(self, encoder: nn.Module, num_classes: int, n_conv_per_stage: IntOrList,
-                 deep_supervision: bool, nonlin_first: bool = False):
+                 deep_supervision: bool, nonlin_first: bool = False, official: bool = False):
         super().__init__()
+        if official:  # a view with v1's kernels (the default passes the encoder, as PlainConvUNet does)
+            encoder = decoder_view(encoder, kernel_sizes=v1_decoder_kernel_sizes(encoder.kernel_sizes))
         self.segmentation = UNetDecoder(encoder, num_classes, n_conv_per_stage, deep_supervision,
                                         nonlin_first=nonlin_first)
         self.boundary = UNetDecoder(encoder, BOUNDARY_CHANNELS, n_conv_per_stage, True, nonlin_first=nonlin_first)
+        if official:
+            remove_decoder_biases(self.segmentation)
+            remove_decoder_biases(self.boundary)
         self.deep_supervision = deep_supervision
 
     @property
@@ -86,11 +108,12 @@ class BoundaryAwareDecoder(nn.Module):
             self.boundary.compute_conv_feature_map_size(input_size)
 
 
-class BANet(AbstractDynamicNetworkArchitectures):
+class BANet(AbstractDynamicNetworkArchitectures, OfficialStateDict):
     """BA-Net configured by the same keyword arguments as nnU-Net's ``PlainConvUNet`` (plans ``arch_kwargs``).
 
     Give ``n_blocks_per_stage`` instead of ``n_conv_per_stage`` (nnU-Net's residual-encoder
-    plans, ``ResidualEncoderUNet``'s keywords) for a residual encoder.
+    plans, ``ResidualEncoderUNet``'s keywords) for a residual encoder. ``conventions``:
+    ``"default"`` or ``"official"`` (module docstring).
     """
 
     def __init__(self, input_channels: int, n_stages: int, features_per_stage: IntOrList, conv_op: Type[_ConvNd],
@@ -102,8 +125,11 @@ class BANet(AbstractDynamicNetworkArchitectures):
                  deep_supervision: bool = False, nonlin_first: bool = False,
                  n_blocks_per_stage: IntOrList | None = None,
                  block: Type[BasicBlockD] | Type[BottleneckD] = BasicBlockD,
-                 bottleneck_channels: IntOrList | None = None, stem_channels: int | None = None):
+                 bottleneck_channels: IntOrList | None = None, stem_channels: int | None = None,
+                 conventions: str = "default"):
         super().__init__()
+        self.conventions = check_conventions(conventions)
+        official = conventions == "official"
         if (n_conv_per_stage is None) == (n_blocks_per_stage is None):
             raise ValueError("BANet needs exactly one of n_conv_per_stage (plain encoder, nnU-Net's PlainConvUNet "
                              "plans) and n_blocks_per_stage (residual encoder, nnU-Net's ResEnc plans); got "
@@ -113,6 +139,12 @@ class BANet(AbstractDynamicNetworkArchitectures):
         if len(n_conv_per_stage_decoder) != n_stages - 1:
             raise ValueError(f"n_conv_per_stage_decoder needs n_stages - 1 = {n_stages - 1} entries, "
                              f"got {list(n_conv_per_stage_decoder)}")
+        if official:
+            if n_conv_per_stage is None:
+                raise ValueError("conventions='official': the official BA-Net is nnU-Net v1's Generic_UNet with a "
+                                 "plain encoder; give n_conv_per_stage (nnUNetPlans), not n_blocks_per_stage")
+            bottleneck_convs = n_conv_per_stage if isinstance(n_conv_per_stage, int) else n_conv_per_stage[-1]
+            require_two_convs([bottleneck_convs, *n_conv_per_stage_decoder], "bottleneck and decoder stage")
         if n_conv_per_stage is not None:
             self.encoder = PlainConvEncoder(input_channels, n_stages, features_per_stage, conv_op, kernel_sizes,
                                             strides, n_conv_per_stage, conv_bias, norm_op, norm_op_kwargs,
@@ -130,7 +162,7 @@ class BANet(AbstractDynamicNetworkArchitectures):
             self.keys_to_in_proj = ("encoder.stem.convs.0.conv", "encoder.stem.convs.0.all_modules.0")
         self.key_to_encoder = "encoder.stages"
         self.decoder = BoundaryAwareDecoder(self.encoder, num_classes, n_conv_per_stage_decoder, deep_supervision,
-                                            nonlin_first=nonlin_first)
+                                            nonlin_first=nonlin_first, official=official)
 
     def forward(self, x: torch.Tensor):
         return self.decoder(self.encoder(x))
@@ -139,6 +171,15 @@ class BANet(AbstractDynamicNetworkArchitectures):
         """Feature-map voxels, for nnU-Net's VRAM estimate (encoder + both decoders)."""
         return self.encoder.compute_conv_feature_map_size(input_size) + \
             self.decoder.compute_conv_feature_map_size(input_size)
+
+    def _official_names(self) -> OfficialNames:
+        """Names of the official ``generic_BANetV2`` (boundary decoder ``conv_blocks_boundary``,
+        ``tb``, ``bdr_outputs``; segmentation decoder as Generic_UNet's)."""
+        names = OfficialNames()
+        names.plain_encoder(self.encoder)
+        names.decoder(self.decoder.boundary, "conv_blocks_boundary", "tb", "bdr_outputs")
+        names.decoder(self.decoder.segmentation, "conv_blocks_localization", "tu", "seg_outputs")
+        return names
 
     @staticmethod
     def initialize(module: nn.Module) -> None:
@@ -164,7 +205,9 @@ def nnunet_default_topology_3d(patch_size: Sequence[int] = (128, 128, 128), max_
                 norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True})
 
 
-def paper_banet() -> BANet:
+def paper_banet(conventions: str = "default") -> BANet:
     """KiPA22 configuration: 1 channel, 5 classes (background + renal vein, kidney, renal artery,
-    tumour), nnU-Net's 3d_fullres default topology for a 128x128x128 patch (about 48.4 M)."""
-    return BANet(input_channels=1, num_classes=5, deep_supervision=True, **nnunet_default_topology_3d((128,) * 3))
+    tumour), nnU-Net's 3d_fullres default topology for a 128x128x128 patch: 48,368,483 parameters;
+    48,366,848 with ``conventions="official"`` (the official count)."""
+    return BANet(input_channels=1, num_classes=5, deep_supervision=True, conventions=conventions,
+                 **nnunet_default_topology_3d((128,) * 3))

@@ -72,6 +72,12 @@ from torch import nn
 
 from nnunet_ext.errors import UserFacingError
 
+
+
+class ClassSAMInputError(UserFacingError, ValueError):
+    """ClassSAM's settings or inputs do not fit (a ValueError for callers, one line for users)."""
+
+
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
 CHECKPOINT_VARIABLE = "NNUNET_EXT_SAM_CHECKPOINT"
@@ -214,10 +220,13 @@ class ClassSAM(nn.Module):
                  deep_supervision: bool = False):
         super().__init__()
         if num_classes < 2:
-            raise ValueError(f"ClassSAM needs background + at least one class, got num_classes={num_classes}")
+            raise ClassSAMInputError(f"ClassSAM needs background + at least one class, got num_classes={num_classes}; "
+                                     f"dataset.json's 'labels' must list at least one foreground label.")
         channels = tuple(channel_indices) if channel_indices is not None else default_channel_indices(input_channels)
-        if len(channels) != 3 or not all(0 <= c < input_channels for c in channels):
-            raise ValueError(f"channel_indices must name 3 of the {input_channels} input channels, got {channels}")
+        if len(channels) != 3 or not all(isinstance(c, int) and 0 <= c < input_channels for c in channels):
+            raise ClassSAMInputError(
+                f"channel_indices must name 3 of the {input_channels} input channels (0 to {input_channels - 1}), "
+                f"got {channels}. Fix 'channel_indices' in the plans' nnunet_ext_class_sam (null: the default).")
         self.sam_model_type, self.spec = sam_model_type, sam_spec(sam_model_type)
         self.channel_indices, self.intensity_range = channels, float(intensity_range)
         spec, dim = self.spec, self.spec.prompt_embed_dim
@@ -242,6 +251,11 @@ class ClassSAM(nn.Module):
     # --- pieces of forward ------------------------------------------------------------------
     def to_sam_input(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """nnU-Net patch -> SAM's normalised, resized and padded 3-channel image, and the resized size."""
+        if x.ndim != 4 or x.shape[1] <= max(self.channel_indices) or min(x.shape[-2:]) < 1:
+            raise ClassSAMInputError(
+                f"ClassSAM takes 2D patches (batch, channels >= {max(self.channel_indices) + 1}, y, x); got a tensor of "
+                f"shape {tuple(x.shape)}. Train and predict with nnU-Net's 2d configuration on data with the "
+                f"channels of the dataset it was built for.")
         size = self.spec.image_size
         r = self.intensity_range
         pixels = (x[:, list(self.channel_indices)].float().clamp(-r, r) + r) * (255.0 / (2 * r))
@@ -259,6 +273,13 @@ class ClassSAM(nn.Module):
 
     def decode(self, image_embeddings: torch.Tensor, output_size: Sequence[int]) -> torch.Tensor:
         """Class prompts + mask decoder: image embedding -> nnU-Net logits at ``output_size``."""
+        spec = self.spec
+        expected = (spec.prompt_embed_dim, spec.embedding_size, spec.embedding_size)
+        if image_embeddings.ndim != 4 or tuple(image_embeddings.shape[1:]) != expected:
+            raise ClassSAMInputError(
+                f"image embeddings of shape {tuple(image_embeddings.shape)} do not fit ClassSAM "
+                f"{self.sam_model_type}, which needs (batch, {', '.join(map(str, expected))}). Were they (an embedding "
+                f"cache) computed by another SAM model type? Compute them again with this one.")
         dense, sparse = self.prompt_encoder(image_embeddings)
         position = self.pe_layer(image_embeddings.shape[-2:]).unsqueeze(0)
         masks = []

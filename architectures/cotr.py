@@ -490,6 +490,7 @@ class CoTr(nn.Module):
         return self.decoder(levels[:-2] + list(tokens))
 
 
-def paper_cotr() -> CoTr:
+def paper_cotr(axis_order: str = "corrected") -> CoTr:
     """CoTr as trained on BCV: 1 channel, 14 classes, patch 48x192x192, deep supervision."""
-    return CoTr(input_channels=1, num_classes=14, patch_size=(48, 192, 192), deep_supervision=True)
+    return CoTr(input_channels=1, num_classes=14, patch_size=(48, 192, 192), deep_supervision=True,
+                axis_order=axis_order)

@@ -22,8 +22,9 @@ shared pieces:
   (:class:`MultiScaleDeformableAttention3D`) from reference points ``sigmoid(Linear(query_pos))``,
   and an FFN. Official details kept: the fixed per-level offset normalisers ``16 * 2**(L-1-l)``
   (``ms_deform_attn.py`` l.62-64) and its sampling-direction init, and the DeepNorm residual scale
-  of every encoder and decoder sub-layer (``x * alpha + f(x)``; ``deepnorm`` defaults to True in
-  ``train.py``, and ``res_scale`` is applied whatever that flag);
+  of every encoder and decoder sub-layer (``x * alpha + f(x)``), applied whatever the ``deepnorm``
+  flag, as officially: the flag (True in the official ``train.py``) only chooses DeepNorm's
+  initialisation (``_deepnorm_init``) over Deformable DETR's;
 * CNN decoder (official ``add_memory=2``): bottleneck = 1x1 conv(memory of the coarsest level) +
   1x1 conv(last backbone level), each + IN + ReLU, to 256; then per level a transposed conv
   (kernel = stride), plus the level's skip through 1x1 conv + IN + ReLU, and one basic residual
@@ -42,9 +43,9 @@ Label coding, eval-mode merged-class scores and task selection are DoDNet's
 (:class:`~nnunet_ext.architectures.dodnet.SigmoidLabelCoding`, ``DoDNet.forward``/``_tasks``).
 No deep supervision (official ``deep_supervision=False``).
 
-Deviation: DeepNorm's initialisation (``_deepnorm_init``: xavier_normal with gain beta, which also
-overwrites the attention's zero sampling-offset init) is not reproduced; the Deformable-DETR
-init of the shared attention is kept.
+``axis_order``: ``"corrected"`` (default) or ``"official"`` deformable sampling, as in CoTr
+(:mod:`nnunet_ext.architectures.blocks.deformable_attention`); official weights need ``"official"``
+(``paper_network("TransDoDNet", conventions="official")``).
 """
 from __future__ import annotations
 
@@ -73,14 +74,26 @@ STEM_CHANNELS = 32
 OFFSET_NORMALIZER_BASE = 16  # official ``inx``
 
 
-def deepnorm_alphas(encoder_layers: int, decoder_layers: int) -> tuple[float, float]:
-    """Residual scales of DeepNet (official ``deepnorm.get_deepnorm_coefficients``), encoder + decoder."""
+def deepnorm_coefficients(encoder_layers: int, decoder_layers: int) -> tuple[tuple[float, float], tuple[float, float]]:
+    """DeepNet's ``((alpha, beta) encoder, (alpha, beta) decoder)``: residual scale and init gain
+    (official ``deepnorm.get_deepnorm_coefficients``; (1, 1) for a side without layers)."""
     n, m = encoder_layers, decoder_layers
     if m == 0:
-        return (2 * n) ** 0.25, 1.0
+        return ((2 * n) ** 0.25, (8 * n) ** -0.25), (1.0, 1.0)
     if n == 0:
-        return 1.0, (3 * m) ** 0.25
-    return 0.81 * ((n ** 4) * m) ** 0.0625, (3 * m) ** 0.25
+        return (1.0, 1.0), ((2 * m) ** 0.25, (8 * m) ** -0.25)
+    return (0.81 * ((n ** 4) * m) ** 0.0625, 0.87 * ((n ** 4) * m) ** -0.0625), ((3 * m) ** 0.25, (12 * m) ** -0.25)
+
+
+def deepnorm_init(layers: nn.Module, gain: float) -> None:
+    """Official ``_deepnorm_init`` on one side's layers: FFN, value and output projections
+    xavier_normal with gain beta, every other weight matrix (attention offsets and weights, the
+    query self-attention) xavier_normal with gain 1; biases keep the attention's own init."""
+    for name, p in layers.named_parameters():
+        if "weight" in name and any(part in name for part in ("linear", "output_proj", "value_proj")):
+            nn.init.xavier_normal_(p, gain=gain)
+        elif "weight" in name and p.dim() > 1:
+            nn.init.xavier_normal_(p, gain=1.0)
 
 
 def _norm_act(channels: int, act: bool = True) -> list[nn.Module]:
@@ -281,7 +294,8 @@ class TransDoDNet(TaskConditioning):
         channels = self.backbone.out_channels
         self.input_proj = nn.ModuleList(nn.Sequential(_conv1(c, hidden, bias=True), *_norm_act(hidden, act=False))
                                         for c in channels[-levels:])
-        enc_alpha, dec_alpha = deepnorm_alphas(encoder_layers, decoder_layers) if deepnorm else (1.0, 1.0)
+        # the residual scale applies whatever ``deepnorm`` (official); the flag picks the init below
+        (enc_alpha, enc_beta), (dec_alpha, dec_beta) = deepnorm_coefficients(encoder_layers, decoder_layers)
         self.encoder = DeformableEncoder(hidden, ffn, dropout, "relu", levels, heads, points, encoder_layers,
                                          axis_order, pos_offset=0.0)
         self.encoder.layers = nn.ModuleList(
@@ -290,6 +304,10 @@ class TransDoDNet(TaskConditioning):
         self.encoder._reset_parameters()
         self.query_decoder = TaskQueryDecoder(num_tasks, hidden, ffn, dropout, levels, heads, points, decoder_layers,
                                               axis_order, dec_alpha)
+        if deepnorm:  # official: instead of DETR's _reset_parameters; the reference points keep nn.Linear's init
+            deepnorm_init(self.encoder.layers, enc_beta)
+            deepnorm_init(self.query_decoder.layers, dec_beta)
+            self.query_decoder.reference_points.reset_parameters()
         weight_sizes, bias_sizes = dynamic_head_sizes(head_channels)
         self.controller = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(inplace=True),
                                         nn.Linear(hidden, sum(weight_sizes) + sum(bias_sizes)))
@@ -357,7 +375,7 @@ def strides_from_plans(plan_strides: Sequence[Sequence[int] | int],
     return strides + [[1, 1, 1]] * (stages - len(strides))
 
 
-def paper_transdodnet() -> TransDoDNet:
+def paper_transdodnet(axis_order: str = "corrected") -> TransDoDNet:
     """MOTS configuration: 7 tasks, 1 CT channel, 2 sigmoid channels, official strides
-    (patch 64x192x192)."""
-    return TransDoDNet(input_channels=1, num_tasks=MOTS_TASKS, head_channels=2)
+    (patch 64x192x192); 39,049,941 parameters, as the official model."""
+    return TransDoDNet(input_channels=1, num_tasks=MOTS_TASKS, head_channels=2, axis_order=axis_order)

@@ -22,10 +22,23 @@ building blocks:
 The task comes from :class:`nnunet_ext.tasks.conditioning.TaskConditioning` (``set_task``), not
 from a forward argument, because nnU-Net calls ``network(x)``. Outputs are logits over the
 merged label space; in eval mode the classes the task does not annotate are masked.
+
+``conventions`` (constructor keyword, settable in the plans' ``arch_kwargs``):
+
+* ``"default"``: nnU-Net v2's decoder (each decoder stage with its skip's kernel; biased
+  transposed convolutions and 1x1 heads), one input conv per channel count among the tasks;
+* ``"official"``: the official network, whose state dict loads strictly after
+  :meth:`UniSeg.from_official_state_dict` (32,114,381 parameters at :func:`paper_uniseg`'s
+  configuration): nnU-Net v1's decoder (each decoder stage with the next-coarser stage's kernel,
+  so (3,3,3) instead of (1,3,3) in the last stage of the paper plans; no biases on transposed
+  convolutions and heads, see :mod:`nnunet_ext.architectures.blocks.nnunet_v1`) and always the
+  three input convs ``conv_1`` / ``conv_2`` / ``conv_4``.
+
+Both keep the prompt sized by the plans' strides (the official code divides the patch by
+16, 32, 32, which is the same for its plans).
 """
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import List, Sequence, Type, Union
 
 import numpy as np
@@ -39,6 +52,9 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.dropout import _DropoutNd
 
+from nnunet_ext.architectures.blocks.nnunet_v1 import (OfficialNames, OfficialStateDict, check_conventions,
+                                                       decoder_view, remove_decoder_biases, require_two_convs,
+                                                       v1_decoder_kernel_sizes)
 from nnunet_ext.tasks.conditioning import TaskConditioning
 
 IntOrList = Union[int, List[int], tuple]
@@ -52,12 +68,15 @@ UNISEG_TASKS: tuple[str, ...] = ("liver", "kidney", "hepatic vessel", "pancreas"
 UNISEG_TASK_CHANNELS: tuple[int, ...] = (1, 1, 1, 1, 1, 1, 1, 1, 1, 4, 2)
 # Official UniSeg_Trainer.task_class: the shared 4-channel head is sliced to the first k channels.
 UNISEG_TASK_CLASSES: tuple[int, ...] = (3, 3, 3, 3, 2, 2, 2, 2, 2, 4, 2)
+# The official first stage has exactly these input convs (UniSeg_Trainer passes [1, 2, 4]).
+OFFICIAL_INPUT_CHANNELS: tuple[int, ...] = (1, 2, 4)
 
 
-class UniSeg(AbstractDynamicNetworkArchitectures, TaskConditioning):
+class UniSeg(AbstractDynamicNetworkArchitectures, TaskConditioning, OfficialStateDict):
     """UniSeg configured by nnU-Net's ``PlainConvUNet`` keyword arguments (plans ``arch_kwargs``) plus
     ``patch_size`` (sizes the prompt), ``task_channels`` (input channels per task),
-    ``annotated_classes`` (per task, which merged classes it labels) and ``fuse_convs``.
+    ``annotated_classes`` (per task, which merged classes it labels), ``fuse_convs`` and
+    ``conventions`` (``"default"`` or ``"official"``, see the module docstring).
 
     ``input_channels`` must equal ``max(task_channels)``: it is the merged dataset's channel count.
     """
@@ -70,8 +89,10 @@ class UniSeg(AbstractDynamicNetworkArchitectures, TaskConditioning):
                  nonlin: Type[nn.Module] | None = None, nonlin_kwargs: dict | None = None,
                  deep_supervision: bool = False, nonlin_first: bool = False, *,
                  patch_size: Sequence[int], task_channels: Sequence[int],
-                 annotated_classes: Sequence[Sequence[bool]] | None = None, fuse_convs: int = 3):
+                 annotated_classes: Sequence[Sequence[bool]] | None = None, fuse_convs: int = 3,
+                 conventions: str = "default"):
         super().__init__()
+        self.conventions = check_conventions(conventions)
         task_channels = [int(c) for c in task_channels]
         if not task_channels or min(task_channels) < 1:
             raise ValueError(f"task_channels needs one positive channel count per task, got {task_channels}")
@@ -91,6 +112,14 @@ class UniSeg(AbstractDynamicNetworkArchitectures, TaskConditioning):
         if len(n_conv_per_stage_decoder) != n_stages - 1:
             raise ValueError(f"n_conv_per_stage_decoder needs n_stages - 1 = {n_stages - 1} entries, "
                              f"got {list(n_conv_per_stage_decoder)}")
+        official = conventions == "official"
+        if official:
+            if not set(task_channels) <= set(OFFICIAL_INPUT_CHANNELS):
+                raise ValueError(f"conventions='official': the official UniSeg has input convs for "
+                                 f"{OFFICIAL_INPUT_CHANNELS} channels only, got task_channels={task_channels}")
+            bottleneck_convs = n_conv_per_stage if isinstance(n_conv_per_stage, int) else n_conv_per_stage[-1]
+            require_two_convs([bottleneck_convs, fuse_convs, *n_conv_per_stage_decoder],
+                              "bottleneck, FUSE and decoder stage")
 
         self.init_task_conditioning(len(task_channels), annotated_classes, num_classes)
         self.task_channels = tuple(task_channels)
@@ -113,7 +142,7 @@ class UniSeg(AbstractDynamicNetworkArchitectures, TaskConditioning):
         self.input_convs = nn.ModuleDict({
             str(c): conv_op(c, first_conv.out_channels, first_conv.kernel_size, first_conv.stride,
                             padding=first_conv.padding, bias=conv_bias)
-            for c in sorted(set(task_channels))
+            for c in (OFFICIAL_INPUT_CHANNELS if official else sorted(set(task_channels)))
         })
 
         bottleneck_features = self.encoder.output_channels[-1]
@@ -126,16 +155,15 @@ class UniSeg(AbstractDynamicNetworkArchitectures, TaskConditioning):
                                       kernel_sizes[-1], 1, conv_bias, norm_op, norm_op_kwargs, dropout_op,
                                       dropout_op_kwargs, nonlin, nonlin_kwargs, nonlin_first)
 
-        # UNetDecoder only reads these attributes of its encoder; the bottleneck entry grows by the
-        # task prompt channel. A namespace is not a submodule, so the encoder is not duplicated in
-        # the state dict (as it is in PlainConvUNet's decoder.encoder.*).
-        encoder_description = SimpleNamespace(
-            output_channels=list(self.encoder.output_channels[:-1]) + [bottleneck_features + 1],
-            strides=self.encoder.strides, kernel_sizes=self.encoder.kernel_sizes, conv_op=conv_op,
-            conv_bias=conv_bias, norm_op=norm_op, norm_op_kwargs=norm_op_kwargs, dropout_op=dropout_op,
-            dropout_op_kwargs=dropout_op_kwargs, nonlin=nonlin, nonlin_kwargs=nonlin_kwargs)
-        self.decoder = UNetDecoder(encoder_description, num_classes, n_conv_per_stage_decoder, deep_supervision,
+        # The decoder's bottleneck input grows by the task prompt channel; a view, not the encoder
+        # module, so the encoder is not repeated in the state dict (as in PlainConvUNet's decoder.encoder.*).
+        kernels = v1_decoder_kernel_sizes(self.encoder.kernel_sizes) if official else self.encoder.kernel_sizes
+        view = decoder_view(self.encoder, list(self.encoder.output_channels[:-1]) + [bottleneck_features + 1],
+                            kernels)
+        self.decoder = UNetDecoder(view, num_classes, n_conv_per_stage_decoder, deep_supervision,
                                    nonlin_first=nonlin_first)
+        if official:
+            remove_decoder_biases(self.decoder)
 
         self.key_to_encoder = "encoder.stages"
         self.key_to_stem = "encoder.stages.0"
@@ -194,6 +222,17 @@ class UniSeg(AbstractDynamicNetworkArchitectures, TaskConditioning):
             self.fuse.compute_conv_feature_map_size(list(self.bottleneck_size)) + \
             self.decoder.compute_conv_feature_map_size(input_size)
 
+    def _official_names(self) -> OfficialNames:
+        """Names of the official ``UniSeg_model`` (``Prompt_generic_UNet.py``)."""
+        names = OfficialNames()
+        names.plain_encoder(self.encoder)
+        for channels, conv in self.input_convs.items():
+            names.add(conv, f"conv_blocks_context.0.blocks.0.conv_{channels}")
+        names.parameter("prompt", "intermedia_prompt")
+        names.stacked(self.fuse, "fusion_layer")
+        names.decoder(self.decoder, "conv_blocks_localization", "tu", "seg_outputs")
+        return names
+
     @staticmethod
     def initialize(module: nn.Module) -> None:
         """nnU-Net's He initialisation (what PlainConvUNet uses); the prompt keeps its randn init."""
@@ -202,10 +241,11 @@ class UniSeg(AbstractDynamicNetworkArchitectures, TaskConditioning):
         InitWeights_He(1e-2)(module)
 
 
-def paper_uniseg() -> UniSeg:
+def paper_uniseg(conventions: str = "default") -> UniSeg:
     """The official upstream configuration: 11 tasks (:data:`UNISEG_TASKS`), 1, 2 or 4 input
     channels, the shared 4-channel head sliced per task (``task_class``), patch 64x192x192 and the
-    merged DoDNetPlans topology (features 32-320, pooling [1,2,2] then [2,2,2] x4, [1,3,3] first)."""
+    merged DoDNetPlans topology (features 32-320, pooling [1,2,2] then [2,2,2] x4, [1,3,3] first).
+    32,059,905 parameters; 32,114,381 with ``conventions="official"`` (the official count)."""
     num_classes = max(UNISEG_TASK_CLASSES)
     return UniSeg(input_channels=max(UNISEG_TASK_CHANNELS), n_stages=6, features_per_stage=[32, 64, 128, 256, 320, 320],
                   conv_op=nn.Conv3d, kernel_sizes=[[1, 3, 3]] + [[3, 3, 3]] * 5,
@@ -214,4 +254,5 @@ def paper_uniseg() -> UniSeg:
                   norm_op=nn.InstanceNorm3d, norm_op_kwargs={"eps": 1e-5, "affine": True},
                   nonlin=nn.LeakyReLU, nonlin_kwargs={"negative_slope": 1e-2, "inplace": True},
                   deep_supervision=True, patch_size=[64, 192, 192], task_channels=list(UNISEG_TASK_CHANNELS),
-                  annotated_classes=[[c < k for c in range(num_classes)] for k in UNISEG_TASK_CLASSES])
+                  annotated_classes=[[c < k for c in range(num_classes)] for k in UNISEG_TASK_CLASSES],
+                  conventions=conventions)

@@ -1,4 +1,5 @@
-"""TransDoDNet: size against the official code, plan strides, shapes on a narrow variant, gradients to
+"""TransDoDNet: size against the official code, DeepNorm (residual scale whatever the flag, the flag's
+init, the official coefficients), plan strides, shapes on a narrow variant, gradients to
 the task queries and the decoder's deformable cross-attention, task dependence, eval-mode class
 scores, the official optimiser / warm-up + poly schedule / clipping, and a stock train + task-aware
 predict on the merged synthetic dataset (slow)."""
@@ -12,8 +13,8 @@ import torch
 from nnunet_ext import compat
 from nnunet_ext.architectures.blocks.deformable_attention import MultiScaleDeformableAttention3D
 from nnunet_ext.architectures.dodnet import SigmoidLabelCoding
-from nnunet_ext.architectures.transdodnet import (PAPER_STRIDES, TransDoDAttention, TransDoDNet, deepnorm_alphas,
-                                                  paper_transdodnet, strides_from_plans)
+from nnunet_ext.architectures.transdodnet import (PAPER_STRIDES, TransDoDAttention, TransDoDNet,
+                                                  deepnorm_coefficients, paper_transdodnet, strides_from_plans)
 from nnunet_ext.tasks.conditioning import is_masked
 from nnunet_ext.testing.harness import load_trainer, predict_task_and_check, train_stock
 from nnunet_ext.trainers.dodnet import DoDNetLoss
@@ -49,9 +50,46 @@ def test_paper_configuration_has_the_official_size():
     assert network.strides == [list(s) for s in PAPER_STRIDES]
     # official fixed offset normalisers, finest level first
     assert attention._offset_normalizer(torch.zeros(3, 3, dtype=torch.long))[:, 0].tolist() == [64.0, 32.0, 16.0]
-    encoder_alpha, decoder_alpha = deepnorm_alphas(3, 3)
+    (encoder_alpha, _), _ = deepnorm_coefficients(3, 3)
     assert network.encoder.layers[0].res_scale == pytest.approx(encoder_alpha)
     assert network.query_decoder.layers[0].res_scale == pytest.approx(3 ** 0.5)
+
+
+def test_deepnorm_coefficients_are_the_official_ones():
+    """Official ``deepnorm.get_deepnorm_coefficients``: (alpha, beta) per side."""
+    encoder, decoder = deepnorm_coefficients(3, 3)
+    assert encoder == pytest.approx((0.81 * (3 ** 4 * 3) ** 0.0625, 0.87 * (3 ** 4 * 3) ** -0.0625))
+    assert decoder == pytest.approx((9 ** 0.25, 36 ** -0.25))
+    encoder, decoder = deepnorm_coefficients(3, 0)
+    assert encoder == pytest.approx((6 ** 0.25, 24 ** -0.25)) and decoder == (1.0, 1.0)
+    encoder, decoder = deepnorm_coefficients(0, 2)
+    assert encoder == (1.0, 1.0) and decoder == pytest.approx((4 ** 0.25, 16 ** -0.25))
+
+
+@pytest.mark.parametrize("deepnorm", [True, False])
+def test_residual_scale_applies_whatever_the_deepnorm_flag(deepnorm):
+    """Official: every layer gets ``res_scale=alpha``; ``deepnorm`` only chooses the initialisation."""
+    network = _small(deepnorm=deepnorm)
+    (encoder_alpha, _), (decoder_alpha, _) = deepnorm_coefficients(SMALL["encoder_layers"], SMALL["decoder_layers"])
+    assert encoder_alpha != 1.0 and decoder_alpha != 1.0
+    assert [layer.res_scale for layer in network.encoder.layers] == [pytest.approx(encoder_alpha)]
+    assert [layer.res_scale for layer in network.query_decoder.layers] == [pytest.approx(decoder_alpha)] * 2
+
+
+def test_deepnorm_flag_chooses_deepnorm_or_deformable_detr_init():
+    """DeepNorm's init (official ``_deepnorm_init``) overwrites every weight matrix of the transformer
+    layers (the zero offset and attention-weight matrices of DETR's init included); biases keep the
+    attention's own init in both."""
+    detr, deepnorm = _small(deepnorm=False), _small(deepnorm=True)
+    for network in (detr, deepnorm):
+        attention = network.encoder.layers[0].self_attn
+        assert attention.attention_weights.bias.abs().sum() == 0 and attention.sampling_offsets.bias.abs().sum() > 0
+    for layer in (detr.encoder.layers[0].self_attn, detr.query_decoder.layers[0].cross_attn):
+        assert layer.sampling_offsets.weight.abs().sum() == 0 and layer.attention_weights.weight.abs().sum() == 0
+    for layer in (deepnorm.encoder.layers[0].self_attn, deepnorm.query_decoder.layers[0].cross_attn):
+        assert layer.sampling_offsets.weight.abs().sum() > 0 and layer.attention_weights.weight.abs().sum() > 0
+    assert detr.query_decoder.reference_points.bias.abs().sum() == 0  # DETR's zero bias; DeepNorm keeps nn.Linear's
+    assert deepnorm.query_decoder.reference_points.bias.abs().sum() > 0
 
 
 @pytest.mark.parametrize("plan_strides, expected", [

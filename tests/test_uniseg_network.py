@@ -294,5 +294,7 @@ def test_paper_configuration_size_and_structure():
     # convs and heads have biases (v1: none; 320+256+128+64+32 and 5*4).
     v1_kernel_quirk = (64 * 32 + 32 * 32) * (27 - 9)
     v2_biases = (320 + 256 + 128 + 64 + 32) + 5 * 4
-    assert counted == PAPER_PARAMETERS - v1_kernel_quirk + v2_biases
-    assert abs(counted - PAPER_PARAMETERS) <= 0.01 * PAPER_PARAMETERS
+    assert counted == PAPER_PARAMETERS - v1_kernel_quirk + v2_biases == 32_059_905
+    with torch.device("meta"):
+        official = paper_uniseg(conventions="official")  # v1's kernel and no biases: the official network
+    assert sum(p.numel() for p in official.parameters()) == PAPER_PARAMETERS
