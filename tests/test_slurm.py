@@ -60,7 +60,7 @@ def jobs(tmp_path):
 
 def test_one_script_per_step_in_dag_order(jobs):
     assert sorted(jobs) == ["01_preprocess.sbatch", "02_train.sbatch", "03_find_best.sbatch", "04_predict.sbatch",
-                            "05_submit.sbatch", "common.sh", "submit_all.sh"]
+                            "05_submit.sbatch", "common.sh", "setup.sh", "submit_all.sh"]
 
 
 def test_training_array_has_one_task_per_trainer_configuration_and_fold(jobs):
@@ -141,7 +141,8 @@ def test_resources_partition_account_gpus_time_mem_and_setup(jobs):
         options = sbatch_lines(jobs[script])
         assert options["--account"] == "proj42" and options["--mem"] == "64G" and options["--nodes"] == "1"
         assert "source " in jobs[script] and "common.sh" in jobs[script]
-    assert "    module load cuda/12.1\n    source /opt/venv/bin/activate\n" in jobs["common.sh"]
+    assert jobs["setup.sh"].endswith("\nmodule load cuda/12.1\nsource /opt/venv/bin/activate\n")
+    assert 'if under_slurm; then source "$JOBS_DIR/setup.sh"; fi' in jobs["common.sh"]
     assert "export nnUNet_results=/data/res" in jobs["common.sh"]
 
 
@@ -193,7 +194,8 @@ def test_planner_plans_and_unlabelled_preprocessing(tmp_path):
            "nnUNetPlans_CoTr --verify_dataset_integrity" in text
     assert "nnunet-ext preprocess-unlabeled -d 17 -c 3d_fullres 3d_lowres -p nnUNetPlans_CoTr -np 8" in text
     assert "skip_if_done nnUNetPlans_CoTr.json" in text
-    assert "-p nnUNetPlans_CoTr" in jobs["02_train.sbatch"] and "__nnUNetPlans_CoTr__" in jobs["02_train.sbatch"]
+    assert "PLANS=nnUNetPlans_CoTr\n" in jobs["02_train.sbatch"] and '-p "$PLANS"' in jobs["02_train.sbatch"]
+    assert "__${PLANS}__" in jobs["02_train.sbatch"]
 
 
 @pytest.mark.parametrize("files, extra, expected", [
@@ -384,6 +386,9 @@ def _use_stub_folders(jobs_dir: Path, env: dict) -> None:
     """Point common.sh at the stub environment's nnU-Net folders (the plan's are cluster paths) and
     drop the plan's module/venv set-up lines (that cluster's software does not exist here)."""
     common = jobs_dir / "common.sh"
-    lines = [l for l in common.read_text().splitlines()
-             if not l.startswith(("export nnUNet_", "    module load", "    source /opt"))]
+    lines = [l for l in common.read_text().splitlines() if not l.startswith("export nnUNet_")]
     common.write_text("\n".join(lines) + "\n")
+    setup = jobs_dir / "setup.sh"
+    if setup.is_file():
+        setup.write_text("\n".join(l for l in setup.read_text().splitlines()
+                                   if not l.startswith(("module load", "source /opt"))) + "\n")

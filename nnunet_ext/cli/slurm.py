@@ -5,10 +5,13 @@ plus ``submit_all.sh``, which submits them chained by dependencies: plan+preproc
 trainers x configurations x folds (GPU job array, requeue-safe) -> find_best_configuration ->
 predict (+ ensemble, postprocessing) -> submission export. ``--dry-run`` prints instead of
 writing, ``--submit`` also runs ``submit_all.sh``, ``--local`` runs the same scripts here in order.
+Writing and ``--local`` hold a lock on the jobs folder: a second run on the same folder waits, then
+is refused with a message.
 """
 from __future__ import annotations
 
 import argparse
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -125,40 +128,47 @@ def load_spec(args: argparse.Namespace):
     values = read_plan_file(args.plan) if args.plan else {}
     if values.get("npz") is False and "ensembling" not in values:
         values["ensembling"] = False
-    values.update(values_from_arguments(args))
-    return build_spec(values, source=args.plan)
+    flags = values_from_arguments(args)
+    values.update(flags)
+    return build_spec(values, source=args.plan, flags=flags.keys())
 
 
 def run(args: argparse.Namespace) -> int:
+    from nnunet_ext.atomic_io import exclusive
     from nnunet_ext.cluster import slurm
-    from nnunet_ext.cluster.local import StepFailed, run_local
+    from nnunet_ext.cluster.local import StepFailed, ordered_steps, run_local
     from nnunet_ext.cluster.workflow import build_workflow
 
     if args.from_step and not args.local:
         raise UserFacingError("--from only applies to --local runs (with SLURM, submit the scripts you need).")
     workflow = build_workflow(load_spec(args))
-    out = Path(args.out or DEFAULT_OUT)
-    files = slurm.generate(workflow, out)
+    out = Path(args.out or DEFAULT_OUT).absolute()
+    files = slurm.generate(workflow, out)  # every check; nothing is written before this returns
+    if args.from_step:
+        try:
+            ordered_steps(workflow, args.from_step)
+        except ValueError as error:
+            raise UserFacingError(f"--from: {error}") from None
     if args.dry_run:
         for generated in files:
-            print(f"==> {out.absolute() / generated.name} <==\n{generated.text}")
+            print(f"==> {out / generated.name} <==\n{generated.text}")
         print(_summary(workflow))
         return 0
-    slurm.write(files, out)
-    print(_summary(workflow))
-    print(f"Scripts written to {out.absolute()}.")
-    if args.local:
-        try:
-            run_local(workflow, out, from_step=args.from_step)
-        except ValueError as error:
-            raise UserFacingError(str(error)) from None
-        except StepFailed as failure:
-            print(f"nnunet-ext slurm --local: {failure}", file=sys.stderr)
-            return 1
-        return 0
+    submit_all = shlex.quote(str(out / slurm.SUBMIT_ALL))
+    with exclusive(out, "nnunet-ext slurm run"):
+        slurm.write(files, out)
+        print(_summary(workflow))
+        print(f"Scripts written to {out}.")
+        if args.local:
+            try:
+                run_local(workflow, out, from_step=args.from_step)
+            except StepFailed as failure:
+                print(f"nnunet-ext slurm --local: {failure}", file=sys.stderr)
+                return 1
+            return 0
     if args.submit:
-        return subprocess.run(["bash", str(out.absolute() / slurm.SUBMIT_ALL)]).returncode
-    print(f"Submit with: bash {out.absolute() / slurm.SUBMIT_ALL}   (without SLURM: the same command with --local)")
+        return subprocess.run(["bash", str(out / slurm.SUBMIT_ALL)]).returncode
+    print(f"Submit with: bash {submit_all}   (without SLURM: the same command with --local)")
     return 0
 
 

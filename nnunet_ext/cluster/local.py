@@ -1,6 +1,7 @@
 """Run a workflow's sbatch scripts on this machine, one after the other: the DAG without SLURM.
 
-The very scripts ``submit_all.sh`` would submit are run with bash, array steps once per task with
+The very scripts ``submit_all.sh`` would submit are run with bash (as an argument list: no shell
+parses the jobs folder's path), array steps once per task with
 ``SLURM_ARRAY_TASK_ID`` set, in the DAG's order (each step after the ones it waits for). Output is
 streamed and also kept in ``<jobs>/logs/local_<step>[_<task>].log``. The first failing task stops
 the run with a message naming the step, the task, the exit status and the log. Running again
@@ -77,7 +78,11 @@ def run_local(workflow: Workflow, jobs_dir: str | os.PathLike, env: Mapping[str,
 
 
 def _run_streamed(command: list[str], env: dict, log: Path, write: Callable[[str], None]) -> int:
-    """Run in its own session, streaming lines to ``write`` and ``log``; Ctrl-C ends the whole session."""
+    """Run in its own session, streaming lines to ``write`` and ``log``; Ctrl-C ends the whole session.
+
+    The log is written as the step runs (to be followed while it runs), so it is not an atomic write:
+    it is a record of this run, replaced by the next run of the same task, never an input of a step.
+    """
     with log.open("w") as log_file:
         process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                    bufsize=1, start_new_session=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"predict_best: error: {error}", file=sys.stderr)
         return 2
     for command in commands:
-        print("+ " + " ".join(command), flush=True)
+        print("+ " + shlex.join(command), flush=True)  # what to paste to run it again by hand
         status = subprocess.run(command).returncode
         if status != 0:
             print(f"predict_best: `{command[0]}` failed with exit status {status}", file=sys.stderr)

@@ -3,9 +3,11 @@
 One key per option, named like its flag (``--partition-gpu`` <-> ``"partition_gpu"``), so a plan
 file and a command line say the same thing in the same words; flags given next to a file override
 its keys. Everything is checked here, before any script is written, and each error names the key
-(and the file) and says what to write instead. YAML would need PyYAML, which nnunet-ext does not
-depend on: a ``.yaml`` file is read only where ``yaml`` happens to be importable, otherwise the
-error shows the JSON equivalent to write.
+(and the file, or the flag it came from) and says what to write instead. That includes what could
+break a generated script: text that cannot stand on one line, and ``#SBATCH`` values that sbatch
+would not read back as written (see :mod:`nnunet_ext.cluster.quoting`). YAML would need PyYAML,
+which nnunet-ext does not depend on: a ``.yaml`` file is read only where ``yaml`` happens to be
+importable, otherwise the error shows the JSON equivalent to write.
 """
 from __future__ import annotations
 
@@ -13,10 +15,11 @@ import difflib
 import json
 import os
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Collection, Mapping
 
+from nnunet_ext.cluster.quoting import check_sbatch_name, check_text, show
 from nnunet_ext.errors import UserFacingError
 
 CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")
@@ -114,12 +117,27 @@ EXAMPLE_PLAN = {
 }
 
 
+# keys whose flag is not --<key with dashes>
+_FLAGS = {"dataset": "-d", "configurations": "-c", "trainers": "-tr", "folds": "-f", "plans": "-p",
+          "planner": "-pl", "num_processes": "-np", "device": "-device", "environment": "--env", "npz": "--no-npz",
+          "ensembling": "--disable-ensembling"}
+# keys written into #SBATCH lines, with an example of a good value for the errors
+_SBATCH_KEYS = {"account": "my_project", "partition_cpu": "cpu", "partition_gpu": "gpu", "gres": "gpu:a100"}
+
+Where = Callable[[str], str]
+
+
 def _flag(key: str) -> str:
-    return "--" + key.replace("_", "-")
+    return _FLAGS.get(key, "--" + key.replace("_", "-"))
 
 
 def _where(source: str | None, key: str) -> str:
     return f"{key!r} in {source}" if source else f"{_flag(key)}"
+
+
+def _locator(source: str | None, flags: Collection[str]) -> Where:
+    """Names a key in errors: the flag where it came from the command line, else the file's key."""
+    return lambda key: _where(None if key in flags else source, key)
 
 
 def read_plan_file(path: str | os.PathLike) -> dict:
@@ -154,8 +172,9 @@ def read_plan_file(path: str | os.PathLike) -> dict:
     return data
 
 
-def build_spec(values: Mapping[str, Any], source: str | None = None) -> JobSpec:
-    """Check the plan's keys and values and make the spec; ``source`` (a file name) goes into errors."""
+def build_spec(values: Mapping[str, Any], source: str | None = None, flags: Collection[str] = ()) -> JobSpec:
+    """Check the plan's keys and values and make the spec; ``source`` (a file name) goes into errors,
+    except for the keys in ``flags`` (given on the command line), which errors name by their flag."""
     unknown = [key for key in values if key not in KEYS]
     if unknown:
         key = unknown[0]
@@ -165,18 +184,19 @@ def build_spec(values: Mapping[str, Any], source: str | None = None) -> JobSpec:
                               f"{', '.join(KEYS)} (see the README, 'Cluster batch jobs').")
     if values.get("dataset") in (None, ""):
         raise UserFacingError(f"the dataset is missing: give -d ID (or \"dataset\": 17 in the plan file).")
+    where = _locator(source, flags)
     clean: dict[str, Any] = {}
     for key, value in values.items():
         if value is None:
             continue
-        clean[key] = _coerce(key, value, source)
+        clean[key] = _coerce(key, value, where(key))
     spec = JobSpec(**clean)
-    _check(spec, source)
+    _check_script_text(spec, where)
+    _check(spec, where)
     return spec
 
 
-def _coerce(key: str, value: Any, source: str | None) -> Any:
-    where = _where(source, key)
+def _coerce(key: str, value: Any, where: str) -> Any:
     if key == "dataset":
         if isinstance(value, bool):
             raise UserFacingError(f"{where} must be a dataset id (17) or name (Dataset017_BTCV), not {value!r}.")
@@ -219,18 +239,21 @@ def _coerce(key: str, value: Any, source: str | None) -> Any:
             raise UserFacingError(f"{where} must be an object of variable names to values, e.g. "
                                   f"{{\"nnUNet_n_proc_DA\": \"12\"}}, got {value!r}.")
         for name, text in value.items():
-            if not _ENV_NAME.match(str(name)) or isinstance(text, (dict, list)) or text is None:
-                raise UserFacingError(f"{where}: {name!r}: {text!r} is not a variable name with a value.")
+            if not _ENV_NAME.fullmatch(str(name)) or isinstance(text, (dict, list)) or text is None:
+                raise UserFacingError(f"{where}: {name!r}: {text!r} is not a variable name with a value; names are "
+                                      f"letters, digits and '_' (not starting with a digit), e.g. "
+                                      f"nnUNet_n_proc_DA=12.")
         return tuple((str(name), str(text)) for name, text in value.items())
     if not isinstance(value, str) or not value.strip():
         raise UserFacingError(f"{where} must be a non-empty string, got {value!r}.")
+    check_text(where, value)  # before strip(): a trailing line break is refused, not silently dropped
     return value.strip()
 
 
-def _check(spec: JobSpec, source: str | None) -> None:
+def _check(spec: JobSpec, where: Where) -> None:
     """Checks that need several keys, or the values' meaning."""
     def fail(key: str, message: str) -> None:
-        raise UserFacingError(f"{_where(source, key)}: {message}")
+        raise UserFacingError(f"{where(key)}: {message}")
 
     for configuration in spec.configurations:
         if configuration not in CONFIGURATIONS:
@@ -271,19 +294,49 @@ def _check(spec: JobSpec, source: str | None) -> None:
     elif spec.submit_output is not None or spec.submit_task is not None:
         fail("submit_challenge", "submit_output/submit_task need submit_challenge (kits21, amos22, segrap2023).")
     for key in ("time_preprocess", "time_train", "time_find_best", "time_predict", "time_submit"):
-        if not _TIME.match(getattr(spec, key)):
+        if not _TIME.fullmatch(getattr(spec, key)):
             fail(key, f"{getattr(spec, key)!r} is not a SLURM time; write HH:MM:SS (48:00:00) or D-HH:MM:SS.")
     for key in ("mem", "mem_train"):
         value = getattr(spec, key)
-        if value is not None and not _MEM.match(value):
+        if value is not None and not _MEM.fullmatch(value):
             fail(key, f"{value!r} is not a SLURM memory size; write e.g. 64G or 64000M.")
     for line in spec.sbatch_extra:
-        if not line.startswith("--") or "\n" in line:
+        if not line.startswith("--"):
             fail("sbatch_extra", f"{line!r}: each entry is one sbatch option starting with --, e.g. --qos=long.")
-    for line in spec.setup:
-        if "\n" in line:
-            fail("setup", "give one shell line per list entry (no newlines inside an entry).")
-    if spec.job_prefix is not None and not _JOB_NAME.match(spec.job_prefix):
+    if spec.job_prefix is not None and not _JOB_NAME.fullmatch(spec.job_prefix):
         fail("job_prefix", f"{spec.job_prefix!r}: use letters, digits, '_', '-' or '.'.")
     if spec.max_parallel is not None and spec.max_parallel < 1:
         fail("max_parallel", "must be at least 1.")
+
+
+def _check_script_text(spec: JobSpec, where: Where) -> None:
+    """Every value that reaches a generated script, checked for what the script could not carry.
+
+    Values that bash gets are quoted there (any printable text is fine); ``#SBATCH`` values are
+    read by sbatch, which has no quoting we rely on for names. The ``setup`` lines are shell by
+    design (module loads, venv activation): they go verbatim into their own file, so only what
+    would split or hide a line is refused (a tab is fine there).
+    """
+    for f in fields(spec):
+        value = getattr(spec, f.name)
+        if f.name == "environment":
+            for name, text in value:
+                check_text(f"{where(f.name)} ({name})", text)
+        elif f.name == "setup":
+            for line in value:
+                if "\n" in line or "\r" in line:
+                    raise UserFacingError(f"{where(f.name)}: {show(line)} holds a line break; give one shell line "
+                                          f"per list entry (split it into several entries).")
+                check_text(where(f.name), line, allow_tab=True)
+        elif isinstance(value, str):
+            check_text(where(f.name), value)
+        elif isinstance(value, tuple):
+            for item in value:
+                check_text(where(f.name), str(item))
+    for key, example in _SBATCH_KEYS.items():
+        if getattr(spec, key) is not None:
+            check_sbatch_name(where(key), getattr(spec, key), example)
+    for option in spec.sbatch_extra:
+        check_sbatch_name(where("sbatch_extra"), option, "--qos=long")
+    # the job names (<prefix>-<step>) are #SBATCH values too; the default prefix holds the dataset
+    check_sbatch_name(where("job_prefix" if spec.job_prefix else "dataset"), spec.prefix, "nnx17")

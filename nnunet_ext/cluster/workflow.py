@@ -4,7 +4,10 @@ Both writers use it: :mod:`nnunet_ext.cluster.slurm` turns each step into one sb
 array job where the step has tasks) chained by ``--dependency=afterok``, and
 :mod:`nnunet_ext.cluster.local` runs those same scripts one after the other. A step's ``body`` is
 bash: the commands a user would type (stock ``nnUNetv2_*`` and ``nnunet-ext``), plus the checks that
-make a step safe to run again (training resumes with ``--c``, a finished fold is skipped).
+make a step safe to run again (training resumes with ``--c``, a finished fold is skipped). Every
+value from the plan is one bash word quoted with ``shlex.quote`` (:mod:`nnunet_ext.cluster.quoting`);
+values the script only knows at run time (trainer, fold of an array task) are variables expanded
+inside double quotes, never text pasted into a quoted string.
 
     preprocess (CPU) -> train (GPU array: trainer x configuration x fold) [-> train_cascade]
       -> find_best (CPU) [-> predict (GPU) [-> submit (CPU)]]
@@ -12,10 +15,10 @@ make a step safe to run again (training resumes with ``--c``, a finished fold is
 from __future__ import annotations
 
 import os
-import shlex
 from dataclasses import dataclass, field
 
-from nnunet_ext.cluster.spec import CASCADE, JobSpec
+from nnunet_ext.cluster.quoting import check_text, shell_command, shell_word
+from nnunet_ext.cluster.spec import CASCADE, NNUNET_PATH_VARIABLES, JobSpec
 
 
 @dataclass(frozen=True)
@@ -68,14 +71,6 @@ class Workflow:
         raise KeyError(name)
 
 
-def _q(value) -> str:
-    return shlex.quote(str(value))
-
-
-def _cmd(*words) -> str:
-    return " ".join(_q(w) for w in words)
-
-
 def training_tasks(spec: JobSpec, configurations) -> tuple[tuple[tuple[str, str], ...], ...]:
     """One task per (trainer, configuration, fold), trainer-major: the order of the array indices."""
     return tuple((("TRAINER", t), ("CONFIGURATION", c), ("FOLD", str(f)))
@@ -90,13 +85,14 @@ def _train_body(spec: JobSpec) -> tuple[str, ...]:
     keeps finished folds untouched and logs what happens.
     """
     npz = ["--npz"] if spec.npz else []
-    fold_dir = '"$nnUNet_results/$(dataset_name)/${TRAINER}__' + spec.plans + '__${CONFIGURATION}/fold_${FOLD}"'
+    fold_dir = '"$nnUNet_results/$(dataset_name)/${TRAINER}__${PLANS}__${CONFIGURATION}/fold_${FOLD}"'
     done = '[[ -f "$FOLD_DIR/checkpoint_final.pth" && -f "$FOLD_DIR/validation/summary.json" ]]'
     if spec.npz:
         done += ' && compgen -G "$FOLD_DIR/validation/*.npz" > /dev/null'
-    train = " ".join(["nnUNetv2_train", '"$DATASET"', '"$CONFIGURATION"', '"$FOLD"', '-tr "$TRAINER"',
-                      "-p", _q(spec.plans), "-num_gpus", str(spec.gpus_per_job), "-device", spec.device, *npz])
+    train = " ".join(["nnUNetv2_train", '"$DATASET"', '"$CONFIGURATION"', '"$FOLD"', '-tr "$TRAINER"', '-p "$PLANS"',
+                      shell_command("-num_gpus", spec.gpus_per_job, "-device", spec.device, *npz)])
     return (
+        f"PLANS={shell_word(spec.plans)}",
         f"FOLD_DIR={fold_dir}",
         f"if {done}; then",
         '    echo "nnunet-ext: $TRAINER $CONFIGURATION fold $FOLD is trained and validated ($FOLD_DIR); skipping"',
@@ -116,26 +112,27 @@ def _preprocess_body(spec: JobSpec) -> tuple[str, ...]:
     # the cascade trains on 3d_fullres data; preprocessing it again would only repeat 3d_fullres
     configurations = list(dict.fromkeys("3d_fullres" if c == CASCADE else c for c in spec.configurations))
     if spec.planner is None:
-        command = _cmd("nnUNetv2_plan_and_preprocess", "-d", spec.dataset, "-c", *configurations,
+        command = shell_command("nnUNetv2_plan_and_preprocess", "-d", spec.dataset, "-c", *configurations,
                        "-np", spec.num_processes, "--verify_dataset_integrity")
     else:
-        command = _cmd("nnunet-ext", "plan", "-d", spec.dataset, "-pl", spec.planner, "-c", *configurations,
+        command = shell_command("nnunet-ext", "plan", "-d", spec.dataset, "-pl", spec.planner, "-c", *configurations,
                        "-np", spec.num_processes, "-overwrite_plans_name", spec.plans, "--verify_dataset_integrity")
     lines = [command]
     if spec.preprocess_unlabeled:
-        lines.append(_cmd("nnunet-ext", "preprocess-unlabeled", "-d", spec.dataset, "-c", *configurations,
+        lines.append(shell_command("nnunet-ext", "preprocess-unlabeled", "-d", spec.dataset, "-c", *configurations,
                           "-p", spec.plans, "-np", spec.num_processes))
     # the marker lets a re-submitted or re-run workflow skip this (hours on a large dataset)
-    return (_cmd("skip_if_done", f"{spec.plans}.json"), *lines, "mark_done")
+    return (shell_command("skip_if_done", f"{spec.plans}.json"), *lines, "mark_done")
 
 
 def build_workflow(spec: JobSpec, environ: dict | None = None) -> Workflow:
     """The DAG for ``spec``. nnU-Net's folder variables come from ``spec.environment``, else ``environ``."""
     environ = os.environ if environ is None else environ
     env = dict(spec.environment)
-    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+    for name in NNUNET_PATH_VARIABLES:
         if name not in env and environ.get(name):
-            env[name] = os.path.abspath(environ[name])
+            env[name] = check_text(f"environment variable {name} (exported in every job)",
+                                   os.path.abspath(environ[name]))
     cpu = dict(partition=spec.partition_cpu, account=spec.account, mem=spec.mem, cpus=spec.cpus)
     gpu = dict(partition=spec.partition_gpu, account=spec.account, gres=spec.gres)
     gpu_for = (lambda n: n) if spec.device == "cuda" else (lambda n: 0)
@@ -154,7 +151,7 @@ def build_workflow(spec: JobSpec, environ: dict | None = None) -> Workflow:
                           _train_body(spec), train_resources, after=("train",),
                           tasks=training_tasks(spec, [CASCADE]), requeue=True))
         last_training = "train_cascade"
-    find_best = _cmd("nnUNetv2_find_best_configuration", spec.dataset, "-c", *spec.configurations,
+    find_best = shell_command("nnUNetv2_find_best_configuration", spec.dataset, "-c", *spec.configurations,
                      "-tr", *spec.trainers, "-p", spec.plans, "-f", *spec.folds, "-np", spec.num_processes)
     if not spec.ensembling:
         find_best += " --disable_ensembling"
@@ -162,7 +159,7 @@ def build_workflow(spec: JobSpec, environ: dict | None = None) -> Workflow:
                       (find_best,), Resources(time=spec.time_find_best, **cpu), after=(last_training,)))
     if spec.predict_input is not None:
         predict_output = os.path.abspath(spec.predict_output)
-        predict = _cmd("python", "-m", "nnunet_ext.cluster.predict_best", "-d", spec.dataset,
+        predict = shell_command("python", "-m", "nnunet_ext.cluster.predict_best", "-d", spec.dataset,
                        "-i", os.path.abspath(spec.predict_input), "-o", predict_output,
                        "-device", spec.device, "-np", spec.num_processes)
         steps.append(Step("predict", "predict with the best model or ensemble, then its postprocessing", (predict,),
@@ -173,6 +170,6 @@ def build_workflow(spec: JobSpec, environ: dict | None = None) -> Workflow:
                       os.path.abspath(spec.submit_output), "--images", os.path.abspath(spec.predict_input)]
             if spec.submit_task:
                 submit += ["--task", spec.submit_task]
-            steps.append(Step("submit", f"{spec.submit_challenge} submission files, validated", (_cmd(*submit),),
-                              Resources(time=spec.time_submit, **cpu), after=("predict",)))
+            steps.append(Step("submit", f"{spec.submit_challenge} submission files, validated",
+                              (shell_command(*submit),), Resources(time=spec.time_submit, **cpu), after=("predict",)))
     return Workflow(spec, tuple(steps), tuple(env.items()))
