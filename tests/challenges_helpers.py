@@ -1,4 +1,4 @@
-"""Helpers shared by the tests of nnunet_ext.challenges (kept out of conftest: used by four files only)."""
+"""Helpers shared by the tests of nnunet_ext.challenges (kept out of conftest: used by five files only)."""
 from __future__ import annotations
 
 import hashlib
@@ -30,3 +30,17 @@ def convert(monkeypatch, raw: Path, *arguments) -> int:
     raw.mkdir(parents=True, exist_ok=True)
     monkeypatch.setenv("nnUNet_raw", str(raw))
     return main(["convert", *map(str, arguments)])
+
+
+def predictions_like(folder: Path, references: dict, make_labels) -> Path:
+    """nnU-Net-style prediction folder: <case>.nii.gz on each test image's grid, plus nnU-Net's json files."""
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for case, image in references.items():
+        reference = sitk.ReadImage(str(image))
+        prediction = sitk.GetImageFromArray(make_labels(rng))
+        prediction.CopyInformation(reference)
+        sitk.WriteImage(prediction, str(folder / f"{case}.nii.gz"), True)
+    for extra in ("dataset.json", "plans.json", "predict_from_raw_data_args.json"):
+        (folder / extra).write_text("{}")
+    return folder

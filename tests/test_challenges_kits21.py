@@ -150,7 +150,7 @@ def test_nnunet_integrity_checks_accept_every_converted_dataset(monkeypatch, tmp
     writer = {"kits21": replicas.write_kits21_replica, "amos22": replicas.write_amos22_replica,
               "segrap2023": replicas.write_segrap2023_replica}[challenge]
     assert convert(monkeypatch, tmp_path / "raw", challenge, writer(tmp_path / "release"), "-d", 311, *options) == 0
-    (folder,) = (tmp_path / "raw").iterdir()
+    (folder,) = (p for p in (tmp_path / "raw").iterdir() if not p.name.startswith("."))  # not the run's lock file
     dataset = json.loads((folder / "dataset.json").read_text())
     cases = get_filenames_of_train_images_and_targets(str(folder), dataset)
     assert len(cases) == dataset["numTraining"] > 0

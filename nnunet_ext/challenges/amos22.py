@@ -57,9 +57,27 @@ def is_ct(case_id: str) -> bool:
     return int(case_id.split("_")[1]) <= MAX_CT_ID
 
 
-def _entries(release: dict, key: str) -> list[dict]:
+def _in_task(task: int | str, case_id: str) -> bool:
+    return task == 2 or (task == 1) == is_ct(case_id)
+
+
+def _entries(release: dict, key: str, json_path: Path) -> list[dict]:
     """Entries of a split as dicts (MSD-style jsons list test images as plain strings)."""
-    return [entry if isinstance(entry, dict) else {"image": entry} for entry in release.get(key) or []]
+    entries = release.get(key) or []
+    if not isinstance(entries, list):
+        raise UserFacingError(f"{json_path}: '{key}' must be a list of cases like {{\"image\": "
+                              f"\"./imagesTr/amos_0001.nii.gz\", \"label\": \"./labelsTr/amos_0001.nii.gz\"}}.")
+    return [entry if isinstance(entry, dict) else {"image": entry} for entry in entries]
+
+
+def _release_path(src: Path, value) -> Path | None:
+    """``src / value`` for a relative path inside the release; None for anything else."""
+    if not isinstance(value, str) or not value.strip() or "\n" in value or "\0" in value:
+        return None
+    relative = Path(value)
+    if relative.is_absolute() or ".." in relative.parts:
+        return None
+    return src / relative
 
 
 def _labels(release: dict, path: Path) -> dict[str, int]:
@@ -73,6 +91,32 @@ def _labels(release: dict, path: Path) -> dict[str, int]:
     return labels
 
 
+def _case(src: Path, json_path: Path, key: str, index: int, entry: dict, split: str,
+          labelled: bool) -> tuple[CaseSource | None, tuple[str, str] | None]:
+    """One entry of the release's json as a case, or (None, (case id, what is wrong and what to do))."""
+    image = _release_path(src, entry.get("image"))
+    if image is None:
+        return None, (f"{key}[{index}]", f"{json_path}: entry {index} of '{key}' needs an 'image' path inside the "
+                                         f"release (like ./imagesTr/amos_0001.nii.gz), got {entry.get('image')!r}")
+    case_id = case_id_of(image.name)
+    if not CASE_PATTERN.match(case_id):
+        return None, (case_id, f"{json_path}: unexpected image name {entry['image']!r}; AMOS22 names are amos_XXXX")
+    label = None
+    if labelled and entry.get("label") not in (None, ""):
+        label = _release_path(src, entry["label"])
+        if label is None:
+            return None, (case_id, f"{json_path}: the 'label' of {case_id} must be a path inside the release (like "
+                                   f"./labelsTr/{case_id}.nii.gz), got {entry['label']!r}")
+    elif split == "Tr":
+        return None, (case_id, f"{json_path}: {key} case {case_id} has no 'label'; a training case needs one. Add it "
+                               f"to the json (./labels{'Tr' if key == 'training' else 'Va'}/{case_id}.nii.gz) or "
+                               f"remove the entry")
+    missing = [str(p) for p in (image, label) if p is not None and not p.is_file()]
+    if missing:
+        return None, (case_id, "missing " + ", ".join(missing))
+    return CaseSource(case_id, (str(image),), str(label) if label else None, split), None
+
+
 def plan(src: str | Path, task: int = 2, include_validation: bool = False) -> ConversionPlan:
     """List the cases of the release selected by ``task`` (1: CT, 2: CT+MRI, "mri": MRI)."""
     task = parse_task(task)
@@ -83,12 +127,13 @@ def plan(src: str | Path, task: int = 2, include_validation: bool = False) -> Co
                               f"(with labelsTr/, imagesVa/, imagesTs/) in it. Pass the unpacked amos22/ folder.")
     try:
         release = json.loads(json_path.read_text())
-    except ValueError as error:
-        raise UserFacingError(f"{json_path} is not valid JSON ({error}).") from None
-    if "training" not in release:
+    except (OSError, ValueError) as error:
+        raise UserFacingError(f"{json_path} cannot be read as JSON ({error}). Restore the release's dataset.json.") \
+            from None
+    if not isinstance(release, dict) or "training" not in release:
         raise UserFacingError(f"{json_path} has no 'training' list; is this the AMOS22 release's dataset.json?")
     labels = _labels(release, json_path)
-    if include_validation and _entries(release, "validation") and not (src / "labelsVa").is_dir():
+    if include_validation and _entries(release, "validation", json_path) and not (src / "labelsVa").is_dir():
         raise UserFacingError(f"--include-validation needs the validation labels in {src / 'labelsVa'}, which the "
                               f"first AMOS22 release did not contain. Download the release with labelsVa, or leave "
                               f"out --include-validation.")
@@ -96,20 +141,17 @@ def plan(src: str | Path, task: int = 2, include_validation: bool = False) -> Co
                   ("test", "Ts", False)]
     cases, problems = [], []
     for key, split, labelled in selections:
-        for entry in _entries(release, key):
-            case_id = case_id_of(entry["image"])
-            if not CASE_PATTERN.match(case_id):
-                problems.append((case_id, f"{json_path}: unexpected image name {entry['image']!r}"))
+        for index, entry in enumerate(_entries(release, key, json_path)):
+            case, problem = _case(src, json_path, key, index, entry, split, labelled)
+            case_id = case.case_id if case is not None else problem[0]
+            if CASE_PATTERN.match(case_id) and not _in_task(task, case_id):
                 continue
-            if (task == 1 and not is_ct(case_id)) or (task == "mri" and is_ct(case_id)):
-                continue
-            image = src / entry["image"]
-            label = src / entry["label"] if labelled and entry.get("label") else None
-            missing = [str(p) for p in (image, label) if p is not None and not p.is_file()]
-            if missing:
-                problems.append((case_id, "missing " + ", ".join(missing)))
-                continue
-            cases.append(CaseSource(case_id, (str(image),), str(label) if label else None, split))
+            if case is not None and case_id in {c.case_id for c in cases}:
+                case, problem = None, (case_id, f"{json_path}: {case_id} is listed twice; remove one of its entries")
+            if problem:
+                problems.append(problem)
+            else:
+                cases.append(case)
     dataset_json = {
         "name": default_name(task),
         "description": f"AMOS22 {_DESCRIPTIONS[task]} converted by nnunet-ext"

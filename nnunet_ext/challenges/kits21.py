@@ -70,6 +70,9 @@ def plan(src: str | Path) -> ConversionPlan:
             problems.append((folder.name, f"missing {image}"))
             continue
         has_label = label.is_file()
+        if not has_label and (label.exists() or label.is_symlink()):
+            problems.append((folder.name, f"{label} is not a readable file; restore it from the release"))
+            continue
         cases.append(CaseSource(folder.name, (str(image),), str(label) if has_label else None,
                                 "Tr" if has_label else "Ts"))
     return ConversionPlan(CHALLENGE, {"challenge": CHALLENGE}, dataset_json(),

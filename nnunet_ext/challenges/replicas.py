@@ -6,11 +6,12 @@ layout, the file names, the geometry and the label values are faithful. Determin
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from nnunet_ext import atomic_io
 
 SHAPE = (8, 16, 16)  # (z, y, x)
 SPACING = (0.8, 0.8, 2.5)  # (x, y, z) mm as SimpleITK orders it
@@ -29,7 +30,8 @@ def write_volume(array: np.ndarray, path: str | Path, spacing: Sequence[float] =
     image = sitk.GetImageFromArray(array)
     image.SetSpacing(tuple(float(s) for s in spacing))
     image.SetOrigin(tuple(float(o) for o in origin))
-    sitk.WriteImage(image, str(path), True)
+    with atomic_io.atomic_path(path, durable=False) as temporary:  # synthetic scratch data: no fsync
+        sitk.WriteImage(image, str(temporary), True)
     return path
 
 
@@ -94,7 +96,7 @@ def write_amos22_replica(root: str | Path, ct: int = 2, mri: int = 1, validation
                 write_volume(box_labels(rng, organs, shape), base / entry["label"])
             entries.append(entry)
         release[key] = entries
-    (base / "dataset.json").write_text(json.dumps(release, indent=2))
+    atomic_io.write_json(base / "dataset.json", release)
     return base
 
 

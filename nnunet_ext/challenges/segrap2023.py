@@ -168,6 +168,9 @@ def plan(src: str | Path, task: str = "oar") -> ConversionPlan:
             continue
         label = labels_folder / f"{folder.name}.nii.gz"
         has_label = label.is_file()
+        if not has_label and (label.exists() or label.is_symlink()):
+            problems.append((folder.name, f"{label} is not a readable file; restore it from the release"))
+            continue
         cases.append(CaseSource(folder.name, tuple(map(str, channels)), str(label) if has_label else None,
                                 "Tr" if has_label else "Ts"))
     labels = task_labels(task)

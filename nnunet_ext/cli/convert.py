@@ -3,7 +3,7 @@
 One sub-command per challenge (each has its own options). The work is streamed case by case,
 resumable (run it again to complete or verify) and parallel; the source is only read. Exit status:
 0 when every case is in the dataset, 1 when a case failed (the summary says which and why), 2 for
-bad input (wrong layout, dataset id taken, ...).
+bad input (wrong layout, dataset id taken, ...), 130 when interrupted (run it again to finish).
 """
 from __future__ import annotations
 
@@ -35,8 +35,10 @@ def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "convert", help="a challenge release (KiTS21, AMOS22, SegRap2023) -> an nnU-Net raw dataset",
         description="Converts a challenge's official release layout into $nnUNet_raw/DatasetXXX_NAME (imagesTr, "
-                    "labelsTr, imagesTs, dataset.json): case by case, resumable, in parallel, with geometry and "
-                    "label checks. A case that fails a check is reported and left out, never resampled.",
+                    "labelsTr, imagesTs, dataset.json): case by case, resumable, in parallel. Every file of a case "
+                    "is decoded in full and checked before the case is written (truncated or unreadable files, "
+                    "dimension, grid of channels and label, label values, NaN/Inf); a case that fails is reported "
+                    "and left out, never resampled. Ctrl-C leaves only complete cases; run it again to finish.",
         epilog=EPILOG)
     challenges = parser.add_subparsers(dest="challenge", metavar="CHALLENGE", required=True)
     kits = challenges.add_parser(
@@ -90,8 +92,14 @@ def run(args: argparse.Namespace) -> int:
     if not os.path.isdir(args.src):
         raise UserFacingError(f"SRC {args.src} is not a folder.")
     plan, default_name = _plan(args)
-    summary = run_conversion(plan, os.environ["nnUNet_raw"], args.dataset_id, args.name or default_name,
-                             args.num_processes, args.mode)
+    try:
+        summary = run_conversion(plan, os.environ["nnUNet_raw"], args.dataset_id,
+                                 default_name if args.name is None else args.name,
+                                 args.num_processes, args.mode)
+    except OSError as error:  # unwritable nnUNet_raw, full disk while writing dataset.json, ...
+        raise UserFacingError(f"could not write the dataset: {error.strerror or error} "
+                              f"({error.filename or os.environ['nnUNet_raw']}). Free space or fix the permissions "
+                              f"and run the same command again; complete cases are kept.") from None
     print(summary.format())
     if summary.failed:
         print(f"{len(summary.failed)} case(s) failed and are not in the dataset; fix them (or leave them out) and run "

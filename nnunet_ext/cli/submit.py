@@ -2,7 +2,8 @@
 
 ``submit CHALLENGE PRED_DIR OUT [--images TEST_IMAGES]`` writes the challenge's files and checks
 them; ``submit CHALLENGE --check-only SUBMISSION --images TEST_IMAGES`` only checks a folder. Exit
-status 0 when the folder is valid, 1 when it is not (the report lists each problem), 2 for bad input.
+status 0 when the folder is valid, 1 when it is not (the report lists each problem; when exporting,
+nothing is written then), 2 for bad input. OUT is built beside itself and put in place whole.
 """
 from __future__ import annotations
 
@@ -50,6 +51,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         if args.out is None:
             raise UserFacingError("give PRED_DIR and OUT (or --check-only SUBMISSION to validate a folder).")
-        report = export_submission(fmt, args.folder, args.out, args.images)
+        try:
+            report = export_submission(fmt, args.folder, args.out, args.images)
+        except OSError as error:  # unwritable OUT, full disk: the staged folder was discarded
+            raise UserFacingError(f"could not write the submission: {error.strerror or error} "
+                                  f"({error.filename or args.out}); OUT was left as it was. Free space or fix the "
+                                  f"permissions and run again.") from None
     print(report.format(fmt.title))
     return 0 if report.ok else 1
