@@ -159,25 +159,51 @@ def write_with(target: str | os.PathLike, writer: Callable[[Path], Any]) -> None
 
 
 @contextlib.contextmanager
-def staged_folder(target: str | os.PathLike) -> Iterator[Path]:
+def staged_folder(target: str | os.PathLike, *, replace: bool = False) -> Iterator[Path]:
     """Yield a private, empty staging folder beside ``target``; on success it becomes ``target``.
 
-    ``target`` must not exist when the block ends (the caller decides what an existing one means);
-    on any exception the staging folder is removed and ``target`` is untouched.
+    Without ``replace``, ``target`` must not exist when the block ends (the caller decides what an
+    existing one means). With ``replace``, an existing ``target`` is moved aside only once the new
+    folder is complete, and removed after the swap (put back if the swap fails). On any exception
+    the staging folder is removed and ``target`` is untouched.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.parent / _private_name(STAGING_PREFIX, target.name)
     staging.mkdir()
+    previous: Path | None = None
     try:
         yield staging
         fsync_folder(staging)
+        if target.exists() and replace:
+            previous = target.parent / _private_name(STAGING_PREFIX, f"{target.name}.previous")
+            os.rename(target, previous)
         if target.exists():
             raise FileExistsError(f"{target} appeared while it was being built in {staging}")
         os.rename(staging, target)  # a folder: rename refuses to replace an existing non-empty one
         fsync_folder(target.parent)
     except BaseException:
+        if previous is not None and previous.exists() and not target.exists():
+            os.rename(previous, target)
         shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if previous is not None:
+        shutil.rmtree(previous, ignore_errors=True)
+
+
+def link_into_place(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Make ``target`` a symbolic link to ``source`` (absolute), atomically replacing what was there.
+
+    Not through :func:`atomic_path`: its chmod would follow the link and change the source's mode.
+    """
+    target = Path(target)
+    temporary = target.parent / _private_name(TEMP_PREFIX, target.name)
+    os.symlink(os.path.abspath(source), temporary)
+    try:
+        move_into_place(temporary, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
         raise
 
 

@@ -8,8 +8,8 @@ the dataset (``dataset.json``'s ``overwrite_image_reader_writer`` or the file en
 in one message naming the file, the problem and the fix:
 
 - a file that cannot be decoded (truncated, corrupt, empty, not an image);
-- NaN or infinite intensities (where the reader shows them: ITK's NIfTI reader, nnU-Net's default for
-  ``.nii.gz``, turns them into 0 on reading, so nnU-Net never sees them there either);
+- NaN or infinite intensities (also those stored in a float NIfTI file, which ITK's NIfTI reader,
+  nnU-Net's default for ``.nii.gz``, silently reads as 0);
 - an image of another dimensionality than the dataset's (2D in a 3D dataset, or the reverse);
 - channels or a label whose shape, spacing or direction disagree with the case's first channel;
 - labels that are not whole numbers or not among the dataset's label values.
@@ -128,11 +128,11 @@ def read_image(path: str | os.PathLike, reader, *, what: str = "image") -> tuple
             data, properties = reader.read_images((os.fspath(path),))
     except Exception as error:  # the readers raise RuntimeError, OSError, EOFError, zlib/gzip errors, ...
         raise UserFacingError(f"{path}: {what} cannot be decoded (truncated, corrupt or not an image: "
-                              f"{_reader_complaint(error)}). Re-export or re-download it.") from None
+                              f"{reader_complaint(error)}). Re-export or re-download it.") from None
     return data, _geometry(path, data, properties)
 
 
-def _reader_complaint(error: Exception) -> str:
+def reader_complaint(error: Exception) -> str:
     """The informative part of a reader's exception, on one line."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     # SimpleITK: "Exception thrown in SimpleITK ImageFileReader_Execute: /src/...cxx:490:", then ITK's lines
@@ -155,11 +155,33 @@ def _same_grid(reference: ImageInfo, other: ImageInfo) -> str | None:
     return None
 
 
+def check_stored_values(path: str | os.PathLike, what: str = "voxel values") -> None:
+    """Refuse NaN/Inf stored in a floating-point NIfTI file.
+
+    ITK's NIfTI reader (nnU-Net's SimpleITKIO) returns them as 0, so decoded voxels cannot show them;
+    nibabel reads the stored values. Other formats need nothing here (their readers keep NaN).
+    """
+    path = Path(path)
+    if not path.name.endswith((".nii", ".nii.gz")):
+        return
+    import nibabel
+
+    image = nibabel.load(os.fspath(path))
+    if not np.issubdtype(image.get_data_dtype(), np.floating):
+        return
+    stored = np.asanyarray(image.dataobj)
+    bad = int(stored.size - np.count_nonzero(np.isfinite(stored)))
+    if bad:
+        raise UserFacingError(f"{path}: {bad} of its {what} are NaN or infinite (nnU-Net's reader would silently "
+                              f"read them as 0). Fix or remove those values and run again.")
+
+
 def check_intensities(data: np.ndarray, info: ImageInfo) -> None:
     if not np.isfinite(data).all():
         bad = int(np.size(data) - np.isfinite(data).sum())
         raise UserFacingError(f"{info.path}: {bad} voxel(s) are NaN or infinite. Fix or remove those values "
                               f"(e.g. replace them with the image's minimum) and run again.")
+    check_stored_values(info.path)
 
 
 def check_labels(data: np.ndarray, info: ImageInfo, allowed: Iterable[int] | None) -> set[int]:
@@ -202,6 +224,7 @@ def check_case(images: Sequence[str | os.PathLike], reader, *, label: str | os.P
     assert reference is not None
     if label is not None:
         data, info = read_image(label, reader, what="label")
+        check_stored_values(info.path, "label values")
         problem = _same_grid(reference, info)
         if problem:
             raise UserFacingError(f"{info.path}: {problem}; a label must share its image's grid. "

@@ -151,7 +151,7 @@ CONVERT_CASES = [
     ("kits21", "label", out_of_range, 1, ["aggregated_MAJ_seg.nii.gz", "unexpected label values [99]"]),
     ("segrap2023", "label", out_of_range, 1, ["segrap_0000.nii.gz", "unexpected label values [99]"]),
     ("amos22", "label", float_labels, 1, ["amos_0001.nii.gz", "not whole numbers"]),
-    ("segrap2023", "image", nan_voxel, 1, ["image.nii.gz", "1 voxel(s)", "nan or infinite"]),
+    ("segrap2023", "image", nan_voxel, 1, ["image.nii.gz", "1 of its voxel values", "nan or infinite"]),
     ("kits21", "label", nan_voxel, 1, ["aggregated_MAJ_seg.nii.gz", "nan or infinite"]),
     ("kits21", "image", delete, 1, ["missing", "imaging.nii.gz"]),
     ("segrap2023", "contrast", delete, 1, ["missing", "image_contrast.nii.gz"]),

@@ -105,7 +105,7 @@ def test_nan_and_inf_intensities(case):
     array = np.zeros((6, 12, 12), np.float32)
     array[1, 2, 3] = np.nan
     array[2, 2, 3] = np.inf
-    # .mha: ITK's NIfTI reader turns NaN into 0 on reading (so nnU-Net never sees them there)
+    # .mha keeps NaN through ITK; NIfTI is covered by the stored-value check below
     bad = _write(folder / "n_0000.mha", array)
     with pytest.raises(UserFacingError, match=r"n_0000\.mha: 2 voxel\(s\) are NaN or infinite"):
         image_checks.check_case([bad], image_checks.reader_for({"file_ending": ".mha"}, bad))
@@ -114,3 +114,13 @@ def test_nan_and_inf_intensities(case):
 def test_dataset_label_values_include_region_members():
     assert image_checks.dataset_label_values({"labels": {"background": 0, "a": 1, "ab": [1, 2]}}) == {0, 1, 2}
     assert image_checks.dataset_label_values({"labels": {}}) is None
+
+
+def test_nan_stored_in_float_nifti_is_refused_although_itk_reads_zero(case):
+    folder, _, _ = case
+    array = np.zeros((6, 12, 12), np.float32)
+    array[1, 2, 3] = np.nan
+    bad = _write(folder / "nan_0000.nii.gz", array)
+    assert np.isfinite(sitk.GetArrayFromImage(sitk.ReadImage(str(bad)))).all()  # ITK shows 0
+    with pytest.raises(UserFacingError, match=r"nan_0000\.nii\.gz: 1 of its voxel values are NaN or infinite"):
+        image_checks.check_case([bad], _reader(bad))

@@ -217,23 +217,6 @@ def unexpected_label_values(label: str, allowed: frozenset[int], array: np.ndarr
     return ""
 
 
-def _refuse_stored_non_finite(path: str, what: str) -> None:
-    """Refuse NaN/Inf stored in a floating-point NIfTI file.
-
-    ITK's NIfTI reader (nnU-Net's SimpleITKIO) returns them as 0, so the decoded voxels cannot show
-    them; nibabel reads the stored values.
-    """
-    if not path.endswith((".nii", ".nii.gz")) or "float" not in read_geometry(path).pixel_type:
-        return
-    import nibabel
-
-    stored = np.asanyarray(nibabel.load(path).dataobj)
-    bad = int(stored.size - np.count_nonzero(np.isfinite(stored)))
-    if bad:
-        raise UserFacingError(f"{path}: {bad} voxel(s) of its {what} are NaN or infinite (nnU-Net's reader would "
-                              f"silently read them as 0). Fix or remove those values and run again.")
-
-
 def check_case_content(case: CaseSource, reader, allowed_labels: frozenset[int]) -> str:
     """Empty if every file of ``case`` decodes in full and passes the checks, else what is wrong and the fix.
 
@@ -244,13 +227,12 @@ def check_case_content(case: CaseSource, reader, allowed_labels: frozenset[int])
 
     for path in case.images:
         data, info = image_checks.read_image(path, reader)
-        image_checks.check_intensities(data, info)
+        image_checks.check_intensities(data, info)  # also NaN/Inf stored in float NIfTI files
         del data
-        _refuse_stored_non_finite(path, "intensities")
     labels = None
     if case.label:
         labels, _ = image_checks.read_image(case.label, reader, what="label")
-        _refuse_stored_non_finite(case.label, "label values")
+        image_checks.check_stored_values(case.label, "label values")
     problem = check_case_geometry(case.images, case.label)
     if problem:
         return problem
@@ -299,22 +281,10 @@ def output_is_complete(source: str, target: Path, mode: str) -> bool:
         return False
 
 
-def _link_into_place(source: str, target: Path) -> None:
-    # atomic_io.atomic_path would chmod the temporary, and through a symlink that is the source
-    temporary = target.parent / atomic_io._private_name(atomic_io.TEMP_PREFIX, target.name)
-    os.symlink(os.path.abspath(source), temporary)
-    try:
-        atomic_io.move_into_place(temporary, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            temporary.unlink()
-        raise
-
-
 def _place(source: str, target: Path, mode: str) -> None:
     """Copy or symlink ``source`` to ``target`` through the atomic write path."""
     if mode == LINK:
-        _link_into_place(source, target)
+        atomic_io.link_into_place(source, target)
     else:
         atomic_io.write_with(target, lambda temporary: shutil.copyfile(source, temporary))
 
@@ -339,9 +309,9 @@ def examine_case(case: CaseSource, folder: Path, mode: str, allowed_labels: froz
 
 def _last_line(error: Exception) -> str:
     """The informative line of an error (SimpleITK's first lines are a source location)."""
-    from nnunet_ext.image_checks import _reader_complaint
+    from nnunet_ext.image_checks import reader_complaint
 
-    return _reader_complaint(error)
+    return reader_complaint(error)
 
 
 def write_case(case: CaseSource, folder: Path, mode: str) -> CaseResult:

@@ -29,13 +29,11 @@ refused, and one submit at a time may write an OUT (a lock beside it).
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 
@@ -154,9 +152,9 @@ def reference_images(fmt: SubmissionFormat, images_dir: str | os.PathLike) -> di
 
 def _last_line(error: Exception) -> str:
     """The informative line of a SimpleITK error (its first lines are a source location)."""
-    from nnunet_ext.image_checks import _reader_complaint
+    from nnunet_ext.image_checks import reader_complaint
 
-    return _reader_complaint(error)
+    return reader_complaint(error)
 
 
 def _reference_geometry(path: Path) -> Geometry:
@@ -307,28 +305,6 @@ def _refuse_foreign_output(fmt: SubmissionFormat, out: Path) -> None:
                               f"yourself.")
 
 
-@contextlib.contextmanager
-def _staged_output(out: Path) -> Iterator[Path]:
-    """A private folder beside ``out`` that becomes ``out`` at the end, replacing an earlier one whole.
-
-    The earlier folder is moved aside (under a staging name) only after the new one is complete and
-    removed after the swap; an interruption before the swap leaves ``out`` as it was.
-    """
-    previous: Path | None = None
-    try:
-        with atomic_io.staged_folder(out) as staging:
-            yield staging
-            if out.exists():
-                previous = staging.with_name(staging.name + ".previous")
-                atomic_io.move_into_place(out, previous)
-    except BaseException:
-        if previous is not None and previous.exists() and not out.exists():
-            atomic_io.move_into_place(previous, out)
-        raise
-    if previous is not None:
-        shutil.rmtree(previous, ignore_errors=True)
-
-
 def _prediction_problem(fmt: SubmissionFormat, path: Path, image, reference: Path | None) -> tuple[Any, str]:
     """(label array, "") for a prediction that can be exported, else (None, what is wrong and what to do)."""
     import SimpleITK as sitk
@@ -405,7 +381,7 @@ def export_submission(fmt: SubmissionFormat, predictions: str | os.PathLike, out
         _refuse_foreign_output(fmt, target)
         atomic_io.remove_stale_temporaries(target.parent)
         try:
-            with _staged_output(target) as staging:
+            with atomic_io.staged_folder(target, replace=True) as staging:
                 problems = _export_into(fmt, cases, references, staging, images_dir, log)
                 report = Report(predictions, checked=sum(case is not None for case in cases.values()),
                                 expected=len(references) if references else None, problems=problems,
