@@ -80,6 +80,15 @@ Where this differs from the official code
   ``InitWeights_He(1e-2)`` (fan_in) to the convs only, like for every nnU-Net network; the
   official trainer did not (it only re-applied ``InitWeights_He`` when Dice was 0 at epoch 100).
 * Mixed precision: the deformable sampling runs in float32 inside autocast (block docstring).
+
+Official weights
+----------------
+``official_key_map()`` / ``from_official_state_dict(sd)`` / ``official_state_dict()`` rename
+between our keys and those of the official ``ResTranUnet`` (all under ``U_ResTran3D.``:
+``backbone.conv1`` / ``norm1`` / ``layer<i>.<b>.conv1`` / ``norm1`` / ``downsample``,
+``encoder_Detrans.level_embed`` / ``encoder.layers``, ``transposeconv_stage<k>``,
+``stage<k>_de.resconv<j>.conv`` / ``.norm``, ``ds<k>_cls_conv``, ``cls_conv``); only with
+``axis_order="official"`` and the official three residual layers.
 """
 from __future__ import annotations
 
@@ -92,6 +101,7 @@ from dynamic_network_architectures.initialization.weight_init import InitWeights
 from torch import Tensor, nn
 
 from nnunet_ext.architectures.blocks.deformable_attention import AXIS_ORDERS, DeformableEncoder
+from nnunet_ext.architectures.blocks.nnunet_v1 import OfficialNames, OfficialStateDict
 
 NORMS: tuple[str, ...] = ("instance", "batch", "syncbatch", "group")
 ACTIVATIONS: tuple[str, ...] = ("leakyrelu", "relu")
@@ -330,7 +340,10 @@ def _as_triple_list(values, name: str) -> tuple[IntTriple, ...]:
     return triples
 
 
-class CoTr(nn.Module):
+OFFICIAL_PREFIX = "U_ResTran3D"  # the official ResTranUnet wraps everything in this module
+
+
+class CoTr(nn.Module, OfficialStateDict):
     """CoTr for nnU-Net v2; see the module docstring for the architecture and the deviations.
 
     Args:
@@ -476,6 +489,40 @@ class CoTr(nn.Module):
                      + attn.n_heads * attn.n_levels * attn.n_points * 4 + layer0.linear1.out_features)
         total += len(t.layers) * tokens * per_token
         return int(total)
+
+    # -- official weights ---------------------------------------------------------------------
+    def official_weights_problem(self) -> str | None:
+        if self.transformer.axis_order != "official":
+            return (f"CoTr was built with axis_order={self.transformer.axis_order!r}: official weights need "
+                    f"axis_order='official' (paper_network('CoTr', conventions='official'))")
+        if len(self.features) != 4:
+            return f"the official CoTr has 3 residual layers; this one has {len(self.features) - 1}"
+        return None
+
+    def _official_names(self) -> OfficialNames:
+        """Names of the official ``ResTranUnet`` (``ResTranUnet.py``, ``CNNBackbone.py``, ``DeTrans/``)."""
+        names, root = OfficialNames(), OFFICIAL_PREFIX
+        names.add(self.encoder.stem[0], f"{root}.backbone.conv1")
+        names.add(self.encoder.stem[1], f"{root}.backbone.norm1")
+        for index, layer in enumerate(self.encoder.layers, start=1):
+            for b, block in enumerate(layer):
+                prefix = f"{root}.backbone.layer{index}.{b}"
+                names.add(block.conv, f"{prefix}.conv1")
+                names.add(block.norm, f"{prefix}.norm1")
+                if isinstance(block.shortcut, nn.Sequential):
+                    names.sequential(block.shortcut, f"{prefix}.downsample")
+        names.parameter("transformer.level_embed", f"{root}.encoder_Detrans.level_embed")
+        names.tree(self.transformer.layers, f"{root}.encoder_Detrans.encoder.layers")
+        levels = reversed(range(len(self.features) - 1))  # the decoder's modules are built deepest first
+        decoder = self.decoder
+        for level, up, stage, head in zip(levels, decoder.upconvs, decoder.stages, decoder.ds_heads):
+            names.add(up, f"{root}.transposeconv_stage{level}")
+            for j, conv in ((1, stage.conv1), (2, stage.conv2)):
+                names.add(conv[0], f"{root}.stage{level}_de.resconv{j}.conv")
+                names.add(conv[1], f"{root}.stage{level}_de.resconv{j}.norm")
+            names.add(head, f"{root}.ds{level}_cls_conv")
+        names.add(decoder.cls_conv, f"{root}.cls_conv")
+        return names
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Union[Tensor, list[Tensor]]:

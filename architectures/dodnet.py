@@ -24,6 +24,11 @@ eval mode, merged-class scores (:meth:`SigmoidLabelCoding.class_logits`) whose a
 paper's decision rule, with the classes the task does not annotate masked. In training mode it
 always returns the sigmoid logits the loss needs.
 
+Official weights: at the paper configuration this is the official ``unet3D`` (no conventions to
+switch); ``official_key_map()`` / ``from_official_state_dict(sd)`` / ``official_state_dict()``
+rename between our keys and the official ones (``conv1``, ``layer0`` .. ``layer4``, ``fusionConv``,
+``x8_resb`` .. ``x1_resb``, ``precls_conv``, ``GAP``, ``controller``). Needs the official five stages.
+
 How sigmoid channels generalise to any merged dataset (decided here, see :class:`SigmoidLabelCoding`):
 each class a task annotates gets one sigmoid channel of that task; a class declared *nested* in
 another class of the same task (``nested={"lesion": "liver"}``) makes the parent's channel cover
@@ -38,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nnunet_ext.architectures.blocks.nnunet_v1 import OfficialNames, OfficialStateDict
 from nnunet_ext.tasks.conditioning import TaskConditioning
 from nnunet_ext.tasks.task_map import TaskMap, TaskMapError
 
@@ -270,7 +276,18 @@ def init_head_conditioning(network: TaskConditioning, num_tasks: int, head_chann
     network.keep_head_logits, network.last_head_logits = False, None
 
 
-class DoDNet(TaskConditioning):
+def name_preactivation_block(names: OfficialNames, block: ResidualBlock, prefix: str) -> None:
+    """Official ``NoBottleneck`` names: ``gn1``, ``conv1``, ``gn2``, ``conv2``, ``downsample.{0,2}``."""
+    for index, name in ((0, "gn1"), (2, "conv1"), (3, "gn2"), (5, "conv2")):
+        names.add(block.body[index], f"{prefix}.{name}")
+    if isinstance(block.shortcut, nn.Sequential):
+        names.sequential(block.shortcut, f"{prefix}.downsample")
+
+
+OFFICIAL_DECODER_BLOCKS = ("x1_resb", "x2_resb", "x4_resb", "x8_resb")  # full resolution first
+
+
+class DoDNet(TaskConditioning, OfficialStateDict):
     """DoDNet; the task of the batch comes from ``set_task`` (``task_index``) or, optionally, per
     sample from the ``tasks`` forward argument (a ``(B,)`` tensor of task ids).
 
@@ -312,15 +329,44 @@ class DoDNet(TaskConditioning):
             raise ValueError(f"DoDNet expects {self.input_channels} input channels (the merged dataset's; tasks "
                              f"with fewer are zero-padded), got {x.shape[1]}")
         tasks = self._tasks(x.shape[0], tasks)
+        return self._task_head(self._shared_features(x), tasks)
+
+    def _shared_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What every task shares: the decoder's pre-class features and the pooled fused bottleneck."""
         skips = []
         x = self.stem(x)
         for stage in self.stages:
             x = stage(x)
             skips.append(x)
         x = self.fusion(skips.pop())
-        task_code = F.one_hot(tasks, self.num_tasks).to(x.dtype).view(x.shape[0], self.num_tasks, 1, 1, 1)
-        params = self.controller(torch.cat((self.pool(x), task_code), 1)).flatten(1)
-        return dynamic_head(self.decoder(x, skips), params, self.head_channels)
+        return self.decoder(x, skips), self.pool(x)
+
+    def _task_head(self, shared: tuple[torch.Tensor, torch.Tensor], tasks: torch.Tensor) -> torch.Tensor:
+        """The tasks' dynamic heads on the shared features: the only per-task compute."""
+        features, pooled = shared
+        task_code = F.one_hot(tasks, self.num_tasks).to(pooled.dtype).view(pooled.shape[0], self.num_tasks, 1, 1, 1)
+        params = self.controller(torch.cat((pooled, task_code), 1)).flatten(1)
+        return dynamic_head(features, params, self.head_channels)
+
+    def official_weights_problem(self) -> str | None:
+        if len(self.stages) != len(PAPER_FEATURES):
+            return f"the official DoDNet has {len(PAPER_FEATURES)} stages; this one has {len(self.stages)}"
+        return None
+
+    def _official_names(self) -> OfficialNames:
+        """Names of the official ``unet3D`` (``a_DynConv/unet3D_DynConv882.py``)."""
+        names = OfficialNames()
+        names.add(self.stem, "conv1")
+        for index, stage in enumerate(self.stages):
+            for b, block in enumerate(stage):
+                name_preactivation_block(names, block, f"layer{index}.{b}")
+        names.sequential(self.fusion, "fusionConv")
+        for name, block in zip(OFFICIAL_DECODER_BLOCKS, self.decoder.blocks):
+            name_preactivation_block(names, block, f"{name}.0")
+        names.sequential(self.decoder.precls, "precls_conv")
+        names.sequential(self.pool, "GAP")
+        names.add(self.controller, "controller")
+        return names
 
     def _tasks(self, batch: int, tasks: torch.Tensor | None) -> torch.Tensor:
         if tasks is None:
@@ -338,7 +384,29 @@ class DoDNet(TaskConditioning):
         if self.training or self.coding is None:
             return logits
         # eval-mode masking (and prediction) is per batch task: nnU-Net predicts one task at a time
-        return self.mask_unannotated(self.coding.class_logits(logits, self._tasks(x.shape[0], tasks)))
+        return self._class_scores(logits, self._tasks(x.shape[0], tasks))
+
+    def _class_scores(self, logits: torch.Tensor, tasks: torch.Tensor) -> torch.Tensor:
+        return self.mask_unannotated(self.coding.class_logits(logits, tasks))
+
+    def forward_tasks(self, x: torch.Tensor, task_ids: Sequence[int]) -> list[torch.Tensor]:
+        """``[set_task(t); forward(x) for t in task_ids]`` from ONE pass of the shared network: only the
+        controller and the dynamic head run per task (``nnunet-ext predict --task all``). Each output is
+        computed by the same operations on the same shared tensors as the single-task forward, so the
+        two are equal; the task set before the call is restored."""
+        shared = self._shared_features(x)
+        previous, was_set = self.task_index.clone(), self.task_is_set
+        outputs = []
+        try:
+            for task_id in task_ids:
+                self.set_task(task_id)
+                tasks = self._tasks(x.shape[0], None)
+                logits = self._task_head(shared, tasks)
+                outputs.append(logits if self.training or self.coding is None else self._class_scores(logits, tasks))
+        finally:
+            self.task_index.copy_(previous)
+            self.task_is_set = was_set
+        return outputs
 
 
 def strides_from_plans(plan_strides: Sequence[Sequence[int] | int], stages: int = len(PAPER_FEATURES)) -> list[list[int]]:

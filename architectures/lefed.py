@@ -34,6 +34,11 @@ validation), decoder 1's logits only, computed in one pass without decoder 2 or 
 Parameters (LA: 1 channel, 2 classes): 12,348,718 = encoder 7,376,896 + decoder 1 2,071,970 +
 decoder 2 2,898,850 + side heads 1,002, as METHODS.md.
 
+Official weights: this network is the official ``LeFeD_Net`` (no conventions to switch);
+``official_key_map()`` / ``from_official_state_dict(sd)`` / ``official_state_dict()`` rename
+between our keys and the official ones (the V-Net names of MC-Net, ``encoder.*``, ``decoder1.*``,
+``decoder2.*``, and the side heads ``sideconv1.side1`` (full resolution) .. ``side5`` (bottleneck)).
+
 The V-Net blocks (stages, downsampling, upsampling) are ``architectures/blocks/vnet.py``'s, shared
 with MC-Net+.
 """
@@ -44,7 +49,9 @@ from typing import NamedTuple, Sequence
 import torch
 from torch import nn
 
+from nnunet_ext.architectures.blocks.nnunet_v1 import OfficialNames, OfficialStateDict
 from nnunet_ext.architectures.blocks.vnet import VNetConvStage, VNetDown, VNetUp, upsample, vnet_ops
+from nnunet_ext.architectures.mcnet import name_vnet_decoder, name_vnet_encoder
 
 ISOTROPIC_STRIDES = ((2, 2, 2),) * 4
 ENCODER_CONVS = (1, 2, 3, 3, 3)  # conv layers per encoder stage, full resolution first (official)
@@ -173,7 +180,7 @@ class LeFeDDecoders(nn.Module):
         self.deep_supervision = deep_supervision
 
 
-class LeFeD(nn.Module):
+class LeFeD(nn.Module, OfficialStateDict):
     """LeFeD network (see the module docstring). Configured by keyword arguments only, as plans do."""
 
     def __init__(self, input_channels: int, num_classes: int,
@@ -199,6 +206,21 @@ class LeFeD(nn.Module):
         gates = [torch.sigmoid(f).detach() for f in features1]
         logits2, features2 = self.decoder.decoder2(skips, gates)
         return LeFeDOutput(logits1, logits2, self.decoder.side(features1), features1, features2)
+
+    def official_weights_problem(self) -> str | None:
+        if len(self.strides[0]) != 3:
+            return f"the official LeFeD_Net is 3D; this LeFeD has {len(self.strides[0])}D strides"
+        return None
+
+    def _official_names(self) -> OfficialNames:
+        """Names of the official ``LeFeD_Net`` (``networks/my_net.py``)."""
+        names = OfficialNames()
+        name_vnet_encoder(names, self.encoder.stages, self.encoder.downs)
+        for prefix, decoder in (("decoder1", self.decoder.decoder1), ("decoder2", self.decoder.decoder2)):
+            name_vnet_decoder(names, decoder.ups, decoder.stages, decoder.head, prefix)
+        for level, head in enumerate(self.decoder.side.heads, start=1):
+            names.add(head, f"sideconv1.side{level}")
+        return names
 
 
 def discrepancy_feedback(output: LeFeDOutput, scale: float = FEEDBACK_SCALE) -> list[torch.Tensor]:

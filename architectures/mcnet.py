@@ -21,6 +21,13 @@ nnU-Net's plans (at most 4, the official depth). Conv counts per level follow th
 pattern (1, 2, then 3s); decoder level l has as many convs as encoder level l (as official).
 Any patch divisible by the product of the strides works.
 
+Official weights: the official ``MCNet3d_v2`` (``MCNet3d_v1`` for 2 decoders, ``VNet`` for 1) is
+this network at the default configuration (no conventions to switch); ``official_key_map()`` /
+``from_official_state_dict(sd)`` / ``official_state_dict()`` rename between our keys and the
+official ``encoder.block_one.conv.0.weight``-style names (see :func:`name_vnet_encoder`).
+Needs the official depth (4 downsamplings, 1/2/3/3/3 convs) and decoder kinds in the official
+order; shapes (filters, classes, channels) are checked when the weights are loaded.
+
 Outputs: in training mode (or with ``decoder.deep_supervision`` True), a list of every decoder's
 logits, decoder 1 first. In eval mode with deep supervision off (what nnU-Net's predictor and
 validation use) one tensor: ``inference="first"`` decoder 1 only (the paper's choice; only
@@ -35,6 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from nnunet_ext.architectures.blocks.nnunet_v1 import OfficialNames, OfficialStateDict
 from nnunet_ext.architectures.blocks.vnet import UPSAMPLING_MODES, VNetConvStage, VNetDown, VNetUp
 
 UPSAMPLING_KINDS = ("transpose", "trilinear", "nearest")  # the official decoders 1, 2, 3
@@ -65,6 +73,36 @@ def downsampling_from_plans(plans_strides: Sequence[Sequence[int]],
     if not downsampling:
         raise ValueError(f"the plans' strides {plans_strides} have no downsampling; MC-Net needs at least one")
     return downsampling
+
+
+# The official V-Net's module names (``networks/VNet.py`` of ycwu1997/MC-Net; LeFeD's ``my_net.py``
+# copies them): encoder stages full resolution first, decoder steps deepest first.
+OFFICIAL_ENCODER_STAGES = ("block_one", "block_two", "block_three", "block_four", "block_five")
+OFFICIAL_DECODER_UPS = ("block_five_up", "block_six_up", "block_seven_up", "block_eight_up")
+OFFICIAL_DECODER_STAGES = ("block_six", "block_seven", "block_eight", "block_nine")
+OFFICIAL_CONVS_PER_LEVEL = (1, 2, 3, 3, 3)
+
+
+def name_vnet_encoder(names: OfficialNames, stages, downsamplings, prefix: str = "encoder") -> None:
+    """Official V-Net encoder names: stage ``k`` is ``block_<k>.conv.<i>`` (the ``Sequential`` of
+    conv, BN, ReLU per layer, as ours), its downsampling ``block_<k>_dw.conv.<i>``."""
+    for name, stage in zip(OFFICIAL_ENCODER_STAGES, stages):
+        names.sequential(stage, f"{prefix}.{name}.conv")
+    for name, down in zip(OFFICIAL_ENCODER_STAGES, downsamplings):
+        names.sequential(down, f"{prefix}.{name}_dw.conv")
+
+
+def name_vnet_decoder(names: OfficialNames, ups, stages, head: nn.Module, prefix: str) -> None:
+    """Official V-Net decoder names (``Decoder``): the official ``Upsampling_function`` is one
+    ``Sequential`` holding ``[ConvTranspose, BN]`` (mode 0) or ``[Upsample, conv, BN]`` (modes 1, 2),
+    so the conv is ``conv.0`` or ``conv.1``; stages ``block_six`` .. ``block_nine``; head ``out_conv``."""
+    for name, up in zip(OFFICIAL_DECODER_UPS, ups):
+        first = 0 if up.mode == "transposed" else 1
+        names.add(up.conv, f"{prefix}.{name}.conv.{first}")
+        names.add(up.norm, f"{prefix}.{name}.conv.{first + 1}")
+    for name, stage in zip(OFFICIAL_DECODER_STAGES, stages):
+        names.sequential(stage, f"{prefix}.{name}.conv")
+    names.add(head, f"{prefix}.out_conv")
 
 
 class VNetEncoder(nn.Module):
@@ -132,7 +170,7 @@ class MCNetDecoders(nn.Module):
         return torch.stack([decoder(skips) for decoder in self.decoders]).mean(0)
 
 
-class MCNet(nn.Module):
+class MCNet(nn.Module, OfficialStateDict):
     """MC-Net+ (3 decoders), MC-Net (2) or V-Net (1); keyword arguments a plan or trainer can give.
 
     ``strides``: per-level downsampling, deepest last (default the official 4 x 2x2x2; see
@@ -163,6 +201,7 @@ class MCNet(nn.Module):
             raise ValueError(f"convs_per_level needs {num_levels} entries (one per level), got {convs}")
         features = [base_filters * 2 ** level for level in range(num_levels)]
         self.strides = strides
+        self.convs_per_level = tuple(convs)
         self.total_stride = tuple(int(s) for s in np.prod(np.array(strides), axis=0))
         self.encoder = VNetEncoder(input_channels, features, convs, strides, dropout_p)
         self.decoder = MCNetDecoders([VNetDecoder(kind, num_classes, features, convs, strides, dropout_p)
@@ -173,6 +212,24 @@ class MCNet(nn.Module):
             raise ValueError(f"MCNet input {tuple(x.shape[2:])} is not divisible by its total stride "
                              f"{self.total_stride} (the additive skips need exact sizes)")
         return self.decoder(self.encoder(x))
+
+    def official_weights_problem(self) -> str | None:
+        kinds = [decoder.upsampling for decoder in self.decoder.decoders]
+        if len(self.strides) != len(OFFICIAL_DECODER_UPS) or self.convs_per_level != OFFICIAL_CONVS_PER_LEVEL:
+            return (f"the official V-Net has 4 downsamplings and {list(OFFICIAL_CONVS_PER_LEVEL)} convs per level; "
+                    f"this MCNet has {len(self.strides)} and {list(self.convs_per_level)}")
+        if kinds != list(UPSAMPLING_KINDS[:len(kinds)]):
+            return (f"the official decoders upsample as {list(UPSAMPLING_KINDS[:len(kinds)])} in this order; this "
+                    f"MCNet's upsample as {kinds}")
+        return None
+
+    def _official_names(self) -> OfficialNames:
+        """Names of the official ``MCNet3d_v2`` / ``MCNet3d_v1`` / ``VNet`` (decoders ``decoder1`` ..)."""
+        names = OfficialNames()
+        name_vnet_encoder(names, self.encoder.stages, self.encoder.downsamplings)
+        for index, decoder in enumerate(self.decoder.decoders, start=1):
+            name_vnet_decoder(names, decoder.ups, decoder.stages, decoder.head, f"decoder{index}")
+        return names
 
 
 def paper_mcnet(num_decoders: int = 3) -> MCNet:

@@ -46,6 +46,13 @@ No deep supervision (official ``deep_supervision=False``).
 ``axis_order``: ``"corrected"`` (default) or ``"official"`` deformable sampling, as in CoTr
 (:mod:`nnunet_ext.architectures.blocks.deformable_attention`); official weights need ``"official"``
 (``paper_network("TransDoDNet", conventions="official")``).
+
+Official weights: ``official_key_map()`` / ``from_official_state_dict(sd)`` /
+``official_state_dict()`` rename between our keys and those of the official ``TransDoDNet``
+(all under ``ResCNN_DeformTR.``: ``backbone``, ``input_proj``, ``transformer.encoder``,
+``transformer.decoder``, ``transformer.level_embed``, ``transformer.reference_points``,
+``query_embed``, ``controller``, ``memory_conv3_l0``, ``cnn_bottle``, ``transposeconv_stage<i>``,
+``shortcut_conv<i>``, ``stage<i>_de``, ``precls_conv``); only with ``axis_order="official"``.
 """
 from __future__ import annotations
 
@@ -61,6 +68,7 @@ from nnunet_ext.architectures.blocks.deformable_attention import (DeformableEnco
                                                                   DeformableTransformerEncoderLayer,
                                                                   EncoderOutput, MultiScaleDeformableAttention3D,
                                                                   split_levels)
+from nnunet_ext.architectures.blocks.nnunet_v1 import OfficialNames, OfficialStateDict
 from nnunet_ext.architectures.dodnet import (HEAD_FEATURES, MOTS_TASKS, DoDNet, SigmoidLabelCoding, dynamic_head,
                                              dynamic_head_sizes, init_head_conditioning)
 from nnunet_ext.tasks.conditioning import TaskConditioning
@@ -262,7 +270,15 @@ class TaskQueryDecoder(nn.Module):
         return tgt
 
 
-class TransDoDNet(TaskConditioning):
+OFFICIAL_PREFIX = "ResCNN_DeformTR"  # the official TransDoDNet wraps everything in this module
+
+
+def _name_indexed(names: OfficialNames, body: nn.Sequential, prefix: str, pairs: Sequence[tuple[int, str]]) -> None:
+    for index, name in pairs:
+        names.add(body[index], f"{prefix}.{name}")
+
+
+class TransDoDNet(TaskConditioning, OfficialStateDict):
     """TransDoDNet; tasks, label coding and eval-mode outputs exactly as :class:`DoDNet`.
 
     ``strides``: five strides (stem, layer 1-4), see :func:`strides_from_plans`. Widths and depths
@@ -338,25 +354,71 @@ class TransDoDNet(TaskConditioning):
             raise ValueError(f"TransDoDNet expects {self.input_channels} input channels (the merged dataset's; tasks "
                              f"with fewer are zero-padded), got {x.shape[1]}")
         tasks = self._tasks(x.shape[0], tasks)
+        return self._task_head(self._shared_features(x), tasks)
+
+    def _shared_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Size]:
+        """What every task shares: all task queries (B, num_tasks, hidden), the CNN decoder's pre-class
+        features and the input's spatial size."""
         features = self.backbone(x)
         encoded = self.encoder.encode([proj(f) for proj, f in zip(self.input_proj, features[-self.levels:])])
         queries = self.query_decoder(encoded)  # (B, num_tasks, hidden)
-        own = queries[torch.arange(x.shape[0], device=queries.device), tasks.to(queries.device)]
-        params = self.controller(own)
-
         memory = split_levels(encoded.memory, encoded.spatial_shapes)[-1]
         y = self.memory_conv(memory) + self.cnn_bottle(features[-1])
         for level in reversed(range(len(self.up))):
             y = self.up[level](y) + self.skip[level](features[level])
             y = self.decoder_blocks[level](y)
-        logits = dynamic_head(self.precls(y), params, self.head_channels)
-        if logits.shape[2:] != x.shape[2:]:  # official: trilinear x stem stride
-            logits = F.interpolate(logits, size=x.shape[2:], mode="trilinear", align_corners=False)
+        return queries, self.precls(y), x.shape[2:]
+
+    def _task_head(self, shared: tuple[torch.Tensor, torch.Tensor, torch.Size], tasks: torch.Tensor) -> torch.Tensor:
+        """The tasks' own query -> controller -> dynamic head: the only per-task compute."""
+        queries, features, size = shared
+        own = queries[torch.arange(queries.shape[0], device=queries.device), tasks.to(queries.device)]
+        logits = dynamic_head(features, self.controller(own), self.head_channels)
+        if logits.shape[2:] != size:  # official: trilinear x stem stride
+            logits = F.interpolate(logits, size=size, mode="trilinear", align_corners=False)
         return logits
 
-    # task selection, logit keeping and eval-mode class scores: DoDNet's, not a copy
+    def official_weights_problem(self) -> str | None:
+        if self.encoder.axis_order != "official":
+            return (f"TransDoDNet was built with axis_order={self.encoder.axis_order!r}: official weights need "
+                    f"axis_order='official' (paper_network('TransDoDNet', conventions='official'))")
+        return None
+
+    def _official_names(self) -> OfficialNames:
+        """Names of the official ``TransDoDNet`` (``models/TransDoDNet.py``, ``ResCNN2.py``,
+        ``deformable_transformer.py``)."""
+        names, root = OfficialNames(), OFFICIAL_PREFIX
+        _name_indexed(names, self.backbone.stem, f"{root}.backbone", ((0, "conv1"), (1, "norm1"), (3, "conv2"),
+                                                                      (4, "norm2")))
+        bottleneck = ((0, "conv1"), (1, "norm1"), (3, "conv2"), (4, "norm2"), (6, "conv3"), (7, "norm3"))
+        for index, layer in enumerate(self.backbone.layers, start=1):
+            for b, block in enumerate(layer):
+                _name_indexed(names, block.body, f"{root}.backbone.layer{index}.{b}", bottleneck)
+                if isinstance(block.shortcut, nn.Sequential):
+                    names.sequential(block.shortcut, f"{root}.backbone.layer{index}.{b}.downsample")
+        for index, proj in enumerate(self.input_proj):
+            names.sequential(proj, f"{root}.input_proj.{index}")
+        names.parameter("encoder.level_embed", f"{root}.transformer.level_embed")
+        names.tree(self.encoder.layers, f"{root}.transformer.encoder.layers")
+        names.tree(self.query_decoder.layers, f"{root}.transformer.decoder.layers")
+        names.add(self.query_decoder.reference_points, f"{root}.transformer.reference_points")
+        names.add(self.query_decoder.query_embed, f"{root}.query_embed")
+        names.sequential(self.controller, f"{root}.controller")
+        names.sequential(self.memory_conv, f"{root}.memory_conv3_l0")
+        names.sequential(self.cnn_bottle, f"{root}.cnn_bottle")
+        for level, (up, skip, block) in enumerate(zip(self.up, self.skip, self.decoder_blocks)):
+            names.add(up, f"{root}.transposeconv_stage{level}")
+            names.sequential(skip, f"{root}.shortcut_conv{level}")
+            _name_indexed(names, block.body, f"{root}.stage{level}_de", ((0, "conv1"), (1, "norm1"), (3, "conv2"),
+                                                                         (4, "norm2")))
+        names.sequential(self.precls, f"{root}.precls_conv")
+        return names
+
+    # task selection, logit keeping, eval-mode class scores and all-task outputs: DoDNet's, not a copy
     _tasks = DoDNet._tasks
     forward = DoDNet.forward
+    _class_scores = DoDNet._class_scores
+    forward_tasks = DoDNet.forward_tasks
 
 
 class _NoDeepSupervision(nn.Module):

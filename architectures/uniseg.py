@@ -190,6 +190,11 @@ class UniSeg(AbstractDynamicNetworkArchitectures, TaskConditioning, OfficialStat
 
     def forward(self, x: torch.Tensor):
         self.require_task()
+        return self._decode_task(*self._encode(x))
+
+    def _encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Encoder skips and every task's prompt (FUSE); shared by all tasks with the current task's
+        channel count (the input conv is chosen by it)."""
         if x.shape[1] != self.input_channels:
             raise ValueError(f"{type(self).__name__} expects the merged dataset's {self.input_channels} input "
                              f"channels (tasks with fewer are zero-padded), got {x.shape[1]}")
@@ -207,13 +212,37 @@ class UniSeg(AbstractDynamicNetworkArchitectures, TaskConditioning, OfficialStat
                              f"{self.bottleneck_size}: UniSeg runs on patches of its training patch size "
                              f"(nnU-Net's sliding window does)")
         prompt = self.prompt.to(bottleneck.dtype).expand(bottleneck.shape[0], *self.prompt.shape[1:])
-        task_prompts = self.fuse(torch.cat((bottleneck, prompt), 1))
+        return skips, self.fuse(torch.cat((bottleneck, prompt), 1))
+
+    def _decode_task(self, skips: list[torch.Tensor], task_prompts: torch.Tensor):
+        """The current task's prompt channel, the decoder and the mask: UniSeg's per-task compute."""
+        bottleneck = skips[-1]
         # Tensor index (not a Python int): no GPU sync, no torch.compile recompilation per task.
         task_prompt = torch.index_select(task_prompts, 1, self.task_index.view(1))
         output = self.decoder(skips[:-1] + [torch.cat((bottleneck, task_prompt), 1)])
         if isinstance(output, (list, tuple)):
             return [self.mask_unannotated(o) for o in output]
         return self.mask_unannotated(output)
+
+    def forward_tasks(self, x: torch.Tensor, task_ids: Sequence[int]) -> list:
+        """``[set_task(t); forward(x) for t in task_ids]`` with the encoder and FUSE run once per distinct
+        channel count among the tasks (each count has its own input conv); the decoder runs per task
+        (``nnunet-ext predict --task all``). Same operations on the same shared tensors as the
+        single-task forward, so the outputs are equal; the task set before the call is restored."""
+        previous, was_set, key = self.task_index.clone(), self.task_is_set, self._input_key
+        outputs: dict[int, object] = {}
+        try:
+            for channels in dict.fromkeys(self.task_channels[int(t)] for t in task_ids):
+                group = [int(t) for t in task_ids if self.task_channels[int(t)] == channels]
+                self.set_task(group[0])
+                shared = self._encode(x)
+                for task_id in group:
+                    self.set_task(task_id)
+                    outputs[task_id] = self._decode_task(*shared)
+        finally:
+            self.task_index.copy_(previous)
+            self.task_is_set, self._input_key = was_set, key
+        return [outputs[int(t)] for t in task_ids]
 
     def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> int:
         """Feature-map voxels, for nnU-Net's VRAM estimate: encoder (its stage-0 block counts the

@@ -16,6 +16,10 @@ Parameter names: :class:`OfficialNames` maps our modules to v1's names (``conv_b
 ``conv_blocks_localization``, ``tu``, ``seg_outputs``, ``blocks.<i>.conv`` / ``.instnorm``; the
 bottleneck and every decoder stage split as ``.0`` = all convs but the last, ``.1`` = the last),
 so a state dict saved by the official code loads strictly after :func:`from_official`.
+
+The naming machinery (:class:`OfficialNames`, :func:`from_official`, :func:`to_official`,
+:class:`OfficialStateDict`) is not v1-specific: every network with an official key map (MC-Net+,
+LeFeD, DoDNet, TransDoDNet, CoTr too) names its modules with it.
 """
 from __future__ import annotations
 
@@ -91,6 +95,17 @@ class OfficialNames:
     def parameter(self, key: str, official: str) -> None:
         """A parameter held directly by the network (not by a submodule)."""
         self._keys[key] = official
+
+    def sequential(self, modules: nn.Module, prefix: str) -> None:
+        """Every child of a ``Sequential`` (or ``ModuleList``) as ``<prefix>.<index>``."""
+        for index, module in enumerate(modules):
+            self.add(module, f"{prefix}.{index}")
+
+    def tree(self, module: nn.Module, prefix: str) -> None:
+        """A module whose official counterpart has the same inner names: every submodule as
+        ``<prefix>.<its path inside module>`` (transformer layers, whose names are Deformable DETR's)."""
+        for path, submodule in module.named_modules(remove_duplicate=False):
+            self.add(submodule, f"{prefix}.{path}" if path else prefix)
 
     def conv_block(self, block: nn.Module, prefix: str) -> None:
         """A v2 ``ConvDropoutNormReLU`` as v1's ``ConvDropoutNormNonlin`` (``conv``, ``instnorm``)."""
@@ -181,16 +196,25 @@ class OfficialStateDict:
     """Mixin of the networks with an official convention: ``official_key_map``,
     ``from_official_state_dict`` and ``official_state_dict`` from the network's ``_official_names``."""
 
-    conventions: str
-
     def _official_names(self) -> OfficialNames:
         raise NotImplementedError
 
+    def official_weights_problem(self) -> str | None:
+        """Why this instance cannot take official weights (None: it can). Here: a ``conventions``
+        other than ``"official"`` (UniSeg, BA-Net); networks with other switches (CoTr's and
+        TransDoDNet's ``axis_order``) or other limits (the official depth) override it."""
+        conventions = getattr(self, "conventions", "official")
+        if conventions != "official":
+            return (f"{type(self).__name__} was built with conventions={conventions!r}: official weights need "
+                    f"conventions='official' (see the class docstring for the differences)")
+        return None
+
     def official_key_map(self) -> dict[str, str]:
-        """Our state-dict keys -> the official implementation's (``conventions='official'`` only)."""
-        if self.conventions != "official":
-            raise ValueError(f"{type(self).__name__} was built with conventions={self.conventions!r}: official "
-                             f"weights need conventions='official' (see the class docstring for the differences)")
+        """Our state-dict keys -> the official implementation's (only where
+        :meth:`official_weights_problem` finds none)."""
+        problem = self.official_weights_problem()
+        if problem is not None:
+            raise ValueError(problem)
         return self._official_names().key_map(self)
 
     def from_official_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -9,9 +9,11 @@ from nnunet_ext.cli import convert, demo, doctor, env, list_command, plan, submi
 from nnunet_ext.cli import preprocess_unlabeled
 from nnunet_ext.cli import merge, predict
 from nnunet_ext.cli import slurm
+from nnunet_ext.cli import import_weights
 from nnunet_ext.errors import UserFacingError
 
-SUBCOMMANDS = (list_command, doctor, env, demo, plan, convert, submit, preprocess_unlabeled, merge, predict, slurm)
+SUBCOMMANDS = (list_command, doctor, env, demo, plan, convert, submit, preprocess_unlabeled, merge, predict, slurm,
+               import_weights)
 
 
 def build_parser() -> argparse.ArgumentParser:
