@@ -210,6 +210,12 @@ def test_trainer_from_the_merged_plans(universal_root, tmp_path, monkeypatch):
     patch = tuple(trainer.configuration_manager.patch_size)
     network.set_task(1)
     assert tuple(network.train()(torch.randn(1, inputs, *patch)).shape) == (1, 3, *patch)
+    assert network.encoder.axis_order == "corrected"
+    # official weights need the official sampling order: the plans' arch_kwargs choose it
+    trainer.configuration_manager.network_arch_init_kwargs["axis_order"] = "official"
+    official = TransDoDNetTrainer.build_network_architecture(trainer.plans_manager, trainer.configuration_manager,
+                                                             inputs, heads, False)
+    assert official.encoder.axis_order == "official" and official.official_weights_problem() is None
 
 
 @pytest.fixture(scope="module")

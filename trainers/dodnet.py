@@ -51,17 +51,24 @@ def coding_from_plans(plans_manager) -> SigmoidLabelCoding:
 
 
 def build_dynamic_head_network(network_class, strides_rule, plans_manager, configuration_manager,
-                               num_input_channels: int, num_output_channels: int, enable_deep_supervision: bool):
+                               num_input_channels: int, num_output_channels: int, enable_deep_supervision: bool,
+                               plan_keywords: tuple[str, ...] = ()):
     """DoDNet or TransDoDNet from a merged dataset's plans: task map and label coding from the plans,
-    strides from the plans' U-Net (``strides_rule``), the default task from ``NNUNET_EXT_TASK``."""
+    strides from the plans' U-Net (``strides_rule``), the default task from ``NNUNET_EXT_TASK``.
+
+    ``plan_keywords``: constructor keywords of the network that a user may set in the configuration's
+    ``architecture.arch_kwargs`` (e.g. TransDoDNet's ``axis_order``, needed for official weights);
+    absent ones keep the network's default."""
     coding = coding_from_plans(plans_manager)
     task_map: TaskMap = task_map_from_plans(plans_manager)
     if num_output_channels != coding.num_classes:
         raise ValueError(f"nnU-Net asks for {num_output_channels} outputs, the merged label space has "
                          f"{coding.num_classes} classes")
     strides = strides_rule(configuration_manager.network_arch_init_kwargs["strides"])
+    arch_kwargs = configuration_manager.network_arch_init_kwargs
+    chosen = {key: arch_kwargs[key] for key in plan_keywords if key in arch_kwargs}
     network = network_class(num_input_channels, len(task_map), coding.head_channels, strides=strides, coding=coding,
-                            deep_supervision=enable_deep_supervision)
+                            deep_supervision=enable_deep_supervision, **chosen)
     apply_default_task(network, task_map)
     return network
 

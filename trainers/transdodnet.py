@@ -67,7 +67,8 @@ class TransDoDNetTrainer(DoDNetTrainer):
     def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
                                    num_output_channels: int, enable_deep_supervision: bool = True):
         return build_dynamic_head_network(TransDoDNet, strides_from_plans, plans_manager, configuration_manager,
-                                          num_input_channels, num_output_channels, enable_deep_supervision)
+                                          num_input_channels, num_output_channels, enable_deep_supervision,
+                                          plan_keywords=("axis_order",))
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.network.parameters(), self.initial_lr, weight_decay=self.weight_decay)
