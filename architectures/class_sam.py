@@ -253,8 +253,8 @@ class ClassSAM(nn.Module):
         """nnU-Net patch -> SAM's normalised, resized and padded 3-channel image, and the resized size."""
         if x.ndim != 4 or x.shape[1] <= max(self.channel_indices) or min(x.shape[-2:]) < 1:
             raise ClassSAMInputError(
-                f"ClassSAM takes 2D patches (batch, channels >= {max(self.channel_indices) + 1}, y, x); got a tensor of "
-                f"shape {tuple(x.shape)}. Train and predict with nnU-Net's 2d configuration on data with the "
+                f"ClassSAM takes 2D patches (batch, channels >= {max(self.channel_indices) + 1}, y, x); got a tensor "
+                f"of shape {tuple(x.shape)}. Train and predict with nnU-Net's 2d configuration on data with the "
                 f"channels of the dataset it was built for.")
         size = self.spec.image_size
         r = self.intensity_range

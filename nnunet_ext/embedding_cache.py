@@ -20,8 +20,15 @@ Layout of a cache for one dataset and configuration, ``<root>/<dataset>/<data_id
   state dict), the input transform, patch size, versions, stored dtype and shape;
 * per case ``<case>.json`` (SHA-256 of the preprocessed image and label arrays, number of items,
   which items hold foreground) written last, after ``<case>.emb.npy`` (embeddings, float16,
-  ``(items, D, E, E)``) and ``<case>.seg.npy`` (label tiles, int16, ``(items, H, W)``); files are
-  written under a temporary name and renamed, so an interrupted build leaves complete entries.
+  ``(items, D, E, E)``) and ``<case>.seg.npy`` (label tiles, int16, ``(items, H, W)``); every file
+  goes through :mod:`nnunet_ext.atomic_io` (temporary name, fsync, rename) and a case's old json is
+  removed before its arrays are replaced, so an interrupted build leaves complete entries or misses.
+
+Builders of one folder take turns (a lock beside the folder; the second waits, then is refused),
+and temporaries of killed builders are removed when the next build starts. A damaged entry (a
+truncated or corrupt json or ``.npy``, an array of the wrong shape or size, a missing array) or a
+damaged ``encoder.json`` is refused with a message naming the file, unless rebuilding in place was
+asked for, which computes it again.
 
 A case is a *hit* (its json matches the data hash), a *miss* (not there: computed and written) or
 *stale* (the preprocessed data changed, or ``encoder.json`` differs because the checkpoint, model
@@ -42,6 +49,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from nnunet_ext import atomic_io
 from nnunet_ext.errors import UserFacingError
 
 CACHE_FORMAT = 1
@@ -128,14 +136,44 @@ class CachePlan:
 
     hits: list[str] = field(default_factory=list)
     misses: list[str] = field(default_factory=list)
-    stale: list[str] = field(default_factory=list)
+    stale: list[str] = field(default_factory=list)  # data changed, or damaged (only with rebuild)
     bytes_after: int = 0
 
 
-def _write_atomic_json(path: Path, content: dict) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(content, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+class _Damaged(Exception):
+    """A cache file that cannot be what it claims to be; the message says what is wrong with which file."""
+
+
+def _read_json_file(path: Path) -> dict | None:
+    """A cache JSON file; None if absent; :class:`_Damaged` if unreadable or not an object."""
+    if not path.exists():
+        return None
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise _Damaged(f"{path} is damaged (truncated or corrupt JSON: {str(error).splitlines()[0][:100]})") from None
+    if not isinstance(content, dict):
+        raise _Damaged(f"{path} is damaged (not a JSON object)")
+    return content
+
+
+def _check_npy(path: Path, dtype, shape: tuple[int, ...]) -> None:
+    """Raise :class:`_Damaged` unless ``path`` is a complete ``.npy`` file of this dtype and shape (header
+    and file size only: the data is memory-mapped, not read)."""
+    if not path.is_file():
+        raise _Damaged(f"{path} is missing")
+    try:
+        array = np.load(path, mmap_mode="r")
+    except (OSError, ValueError, EOFError) as error:  # a truncated file cannot be mapped
+        raise _Damaged(f"{path} is damaged (truncated or not a .npy file: {str(error).splitlines()[0][:100]})") \
+            from None
+    if array.dtype != np.dtype(dtype) or tuple(array.shape) != tuple(shape):
+        raise _Damaged(f"{path} is damaged (holds {array.dtype} {tuple(array.shape)}, its entry says "
+                       f"{np.dtype(dtype)} {tuple(shape)})")
+    expected = array.offset + array.nbytes
+    del array
+    if path.stat().st_size != expected:
+        raise _Damaged(f"{path} is damaged ({path.stat().st_size} bytes instead of {expected})")
 
 
 class EmbeddingCache:
@@ -170,25 +208,52 @@ class EmbeddingCache:
     def _own_files(self) -> list[Path]:
         if not self.folder.is_dir():
             return []
-        return [p for p in self.folder.iterdir() if p.is_file() and (p.name == IDENTITY_FILE or
-                                                                     p.name.endswith(_SUFFIXES) or ".tmp-" in p.name)]
+        return [p for p in self.folder.iterdir() if p.is_file() and (  # ".tmp-": earlier versions' temporaries
+            p.name == IDENTITY_FILE or p.name.endswith(_SUFFIXES) or atomic_io.is_temporary(p) or ".tmp-" in p.name)]
 
     def entry(self, identifier: str) -> dict | None:
-        path = self._path(identifier, ".json")
+        """A case's entry (``<case>.json``); None if there is none; a damaged one is refused."""
         try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError):
+            return self._verified_entry(identifier)
+        except _Damaged as damage:
+            raise self._damaged_error(identifier, str(damage)) from None
+
+    def _verified_entry(self, identifier: str) -> dict | None:
+        """The entry, after checking it and the header and size of both of its arrays; :class:`_Damaged`
+        names the first bad file."""
+        path = self._path(identifier, ".json")
+        entry = _read_json_file(path)
+        if entry is None:
             return None
+        try:
+            items, foreground = int(entry["items"]), list(entry["foreground"])
+            digest, identity = str(entry["digest"]), str(entry["identity"])
+        except (KeyError, TypeError, ValueError):
+            raise _Damaged(f"{path} is damaged (not an embedding cache entry)") from None
+        if identity == self.identity_digest:  # arrays of another identity are not ours to judge
+            _check_npy(self._path(identifier, ".emb.npy"), EMBEDDING_DTYPE, (items, *self.embedding_shape))
+            _check_npy(self._path(identifier, ".seg.npy"), TARGET_DTYPE, (items, *self.patch_size))
+        return {**entry, "items": items, "foreground": foreground, "digest": digest, "identity": identity}
+
+    def _damaged_error(self, identifier: str, damage: str) -> EmbeddingCacheError:
+        return EmbeddingCacheError(f"The embedding cache at {self.folder} cannot be used: {damage}. Delete "
+                                   f"{self._path(identifier, '.json')} (that case is then computed again), "
+                                   f"{self.stale_advice}.")
 
     # --- deciding ---------------------------------------------------------------------------------
     def _stored_identity(self) -> dict | None:
         try:
-            return json.loads((self.folder / IDENTITY_FILE).read_text())
-        except (OSError, ValueError):
-            return None
+            return _read_json_file(self.folder / IDENTITY_FILE)
+        except _Damaged as damage:
+            if self.rebuild:
+                return {"damaged": str(damage)}
+            raise EmbeddingCacheError(f"The embedding cache at {self.folder} cannot be used: {damage}; it records "
+                                      f"which encoder the embeddings come from. Delete that folder, "
+                                      f"{self.stale_advice}.") from None
 
     def check_identity(self) -> None:
-        """Refuse (or, with ``rebuild``, clear) a cache built for another encoder or tiling."""
+        """Refuse (or, with ``rebuild``, clear) a cache built for another encoder or tiling, or whose
+        ``encoder.json`` is damaged."""
         stored = self._stored_identity()
         if stored is None or stored == self.identity:
             return
@@ -204,14 +269,18 @@ class EmbeddingCache:
     def plan(self, cases: dict[str, tuple[str, Sequence[int]]]) -> CachePlan:
         """Status of every case (``identifier -> (data digest, data shape)``) and the size check.
 
-        Raises for stale cases (unless ``rebuild``) and when the cache would exceed ``max_bytes``."""
+        Raises for stale or damaged cases (unless ``rebuild``) and when the cache would exceed ``max_bytes``."""
         self.check_identity()
         result = CachePlan()
         new_bytes = 0
         for identifier, (digest, shape) in cases.items():
-            entry = self.entry(identifier)
-            if entry is not None and (entry.get("digest"), entry.get("identity")) == (digest, self.identity_digest) \
-                    and self._path(identifier, ".emb.npy").is_file() and self._path(identifier, ".seg.npy").is_file():
+            try:
+                entry = self._verified_entry(identifier)
+            except _Damaged as damage:
+                if not self.rebuild:
+                    raise self._damaged_error(identifier, str(damage)) from None
+                entry = {"damaged": True}
+            if entry is not None and (entry.get("digest"), entry.get("identity")) == (digest, self.identity_digest):
                 result.hits.append(identifier)
                 continue
             (result.stale if entry is not None else result.misses).append(identifier)
@@ -236,41 +305,44 @@ class EmbeddingCache:
     # --- writing and reading ----------------------------------------------------------------------
     def write_case(self, identifier: str, digest: str, images: np.ndarray, targets: np.ndarray,
                    encode: Callable[[np.ndarray], np.ndarray], batch_size: int) -> None:
-        """Encode ``images`` in batches straight into the case's files; its json is written last."""
+        """Encode ``images`` in batches straight into the case's files; its json is written last.
+
+        Every file goes through :mod:`nnunet_ext.atomic_io`; an old entry is removed first, so an
+        interruption leaves the case absent (a miss) rather than pointing at half-replaced arrays."""
         self.folder.mkdir(parents=True, exist_ok=True)
         if not (self.folder / IDENTITY_FILE).is_file():
-            _write_atomic_json(self.folder / IDENTITY_FILE, self.identity)
-        pid = os.getpid()
-        embedding_path, seg_path = self._path(identifier, ".emb.npy"), self._path(identifier, ".seg.npy")
-        tmp_embedding = embedding_path.with_name(f"{embedding_path.name}.tmp-{pid}")
-        stored = np.lib.format.open_memmap(tmp_embedding, mode="w+", dtype=EMBEDDING_DTYPE,
-                                           shape=(len(images), *self.embedding_shape))
-        for start in range(0, len(images), batch_size):
-            stored[start:start + batch_size] = encode(images[start:start + batch_size])
-        stored.flush()
-        del stored
-        tmp_seg = seg_path.with_name(f"{seg_path.name}.tmp-{pid}")
-        with open(tmp_seg, "wb") as file:
-            np.save(file, targets.astype(TARGET_DTYPE))
-        os.replace(tmp_embedding, embedding_path)
-        os.replace(tmp_seg, seg_path)
+            atomic_io.write_json(self.folder / IDENTITY_FILE, self.identity, indent=1, sort_keys=True)
+        self._path(identifier, ".json").unlink(missing_ok=True)
+        with atomic_io.atomic_path(self._path(identifier, ".emb.npy")) as temporary:
+            stored = np.lib.format.open_memmap(temporary, mode="w+", dtype=EMBEDDING_DTYPE,
+                                               shape=(len(images), *self.embedding_shape))
+            for start in range(0, len(images), batch_size):
+                stored[start:start + batch_size] = encode(images[start:start + batch_size])
+            stored.flush()
+            del stored
+        atomic_io.write_with(self._path(identifier, ".seg.npy"),
+                             lambda temporary: np.save(temporary, targets.astype(TARGET_DTYPE)))
         foreground = np.flatnonzero((targets > 0).reshape(len(targets), -1).any(1)).tolist()
-        _write_atomic_json(self._path(identifier, ".json"),
-                           {"digest": digest, "identity": self.identity_digest, "items": len(images),
-                            "foreground": foreground})
+        atomic_io.write_json(self._path(identifier, ".json"),
+                             {"digest": digest, "identity": self.identity_digest, "items": len(images),
+                              "foreground": foreground}, indent=1, sort_keys=True)
 
     def read_case(self, identifier: str) -> tuple[np.ndarray, np.ndarray, list[int]]:
         """Memory-mapped embeddings ``(items, D, E, E)``, label tiles ``(items, H, W)``, foreground items."""
         entry = self.entry(identifier)
         if entry is None:
-            raise EmbeddingCacheError(f"{identifier} is not in the embedding cache at {self.folder}")
+            raise EmbeddingCacheError(f"{identifier} is not in the embedding cache at {self.folder}: "
+                                      f"{self._path(identifier, '.json')} is missing. Build the cache for these "
+                                      f"cases first.")
+        if entry["identity"] != self.identity_digest:
+            raise self._damaged_error(identifier, f"{self._path(identifier, '.json')} belongs to another encoder")
         embeddings = np.load(self._path(identifier, ".emb.npy"), mmap_mode="r")
         targets = np.load(self._path(identifier, ".seg.npy"), mmap_mode="r")
-        if embeddings.shape != (entry["items"], *self.embedding_shape) or targets.shape[0] != entry["items"]:
-            raise EmbeddingCacheError(f"The embedding cache entry of {identifier} in {self.folder} is damaged "
-                                      f"(shape {embeddings.shape}); delete {self._path(identifier, '.json')} so it "
-                                      f"is computed again.")
         return embeddings, targets, list(entry["foreground"])
+
+
+#: how long a second builder of one cache folder waits for the first before it is refused
+LOCK_TIMEOUT_S = 3600.0
 
 
 def build(cache: EmbeddingCache, load_case: Callable[[str], tuple[np.ndarray, np.ndarray]],
@@ -279,20 +351,23 @@ def build(cache: EmbeddingCache, load_case: Callable[[str], tuple[np.ndarray, np
     """Bring the cache up to date for ``identifiers``: hash each case's data, plan, encode the misses.
 
     ``load_case(identifier) -> (data (C, Z, Y, X), seg (1, Z, Y, X))``; ``encode(tiles (N, C, py, px))
-    -> (N, D, E, E)``."""
+    -> (N, D, E, E)``. Builders of one folder take turns (a lock beside it); temporaries of killed
+    builders are removed first."""
     cases = {}
     for identifier in identifiers:
         data, seg = load_case(identifier)
         cases[identifier] = (array_digest(data, seg), tuple(data.shape))
-    plan = cache.plan(cases)
-    todo = plan.misses + plan.stale
-    log(f"embedding cache {cache.folder}: {len(plan.hits)} case(s) cached, {len(plan.misses)} to compute, "
-        f"{len(plan.stale)} stale to recompute; {plan.bytes_after / 1024 ** 3:.3f} GB afterwards")
-    for number, identifier in enumerate(todo, 1):
-        data, seg = load_case(identifier)
-        images, targets = case_tiles(data, seg, cache.patch_size, cache.versions)
-        cache.write_case(identifier, cases[identifier][0], images, targets, encode, batch_size)
-        log(f"embedding cache: {identifier} ({len(images)} tiles) done, {number}/{len(todo)}")
+    with atomic_io.exclusive(cache.folder, "embedding cache build", timeout=LOCK_TIMEOUT_S):
+        atomic_io.remove_stale_temporaries(cache.folder)
+        plan = cache.plan(cases)
+        todo = plan.misses + plan.stale
+        log(f"embedding cache {cache.folder}: {len(plan.hits)} case(s) cached, {len(plan.misses)} to compute, "
+            f"{len(plan.stale)} stale to recompute; {plan.bytes_after / 1024 ** 3:.3f} GB afterwards")
+        for number, identifier in enumerate(todo, 1):
+            data, seg = load_case(identifier)
+            images, targets = case_tiles(data, seg, cache.patch_size, cache.versions)
+            cache.write_case(identifier, cases[identifier][0], images, targets, encode, batch_size)
+            log(f"embedding cache: {identifier} ({len(images)} tiles) done, {number}/{len(todo)}")
     return plan
 
 

@@ -7,6 +7,10 @@ preprocessing run once).
 The results folder is shared too, and a fold trained with a label budget refuses another budget
 (by design), so the folds are split between the files: test_label_budget uses folds 1-3,
 test_two_stream_loader folds 4 (budget 2, in-process) and 0 (budget 2, stock CLI).
+
+``tiny_semi_root`` is a smaller, two-channel root for test_hostile_unlabeled.py, planned and
+preprocessed in-process (nnU-Net's own planner and preprocessor); its imagesUnlabeled is not
+preprocessed, so each test decides what to do with it.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import pytest
 import torch
 
 from nnunet_ext import compat
+from nnunet_ext.datasets.synthetic import SyntheticSpec
 from nnunet_ext.datasets.unlabeled import write_unlabeled_images
 from nnunet_ext.testing.harness import HARNESS_SPEC, NnUNetRoot, make_nnunet_root, plan_and_preprocess
 from nnunet_ext.unlabeled.preprocess import preprocess_unlabeled
@@ -49,6 +54,24 @@ def semi_root(tmp_path_factory) -> NnUNetRoot:
             preprocess_unlabeled(SEMI_DATASET_ID, ["3d_fullres"], num_processes=1)
         _ROOTS[key] = root
     return _ROOTS[key]
+
+
+TINY_DATASET_ID = 982
+TINY_DATASET_NAME = "HostileTiny"
+TINY_SPEC = SyntheticSpec(num_training=2, num_test=0, shape=(16, 16, 16), spacing=(2.0, 1.0, 1.0), num_channels=2)
+TINY_UNLABELED = ("synth_u000", "synth_u001")
+
+
+def tiny_semi_root(base: Path) -> NnUNetRoot:
+    """Two labelled 16^3 two-channel cases + two unlabelled ones, planned and preprocessed (3d_fullres)
+    in this process; imagesUnlabeled is left unpreprocessed."""
+    root = make_nnunet_root(base, TINY_DATASET_ID, TINY_DATASET_NAME, TINY_SPEC)
+    write_unlabeled_images(root.raw, TINY_DATASET_ID, TINY_DATASET_NAME, TINY_SPEC, len(TINY_UNLABELED))
+    with nnunet_environment(root):
+        compat.extract_fingerprint(TINY_DATASET_ID, 1, check_integrity=False)
+        compat.plan_dataset(TINY_DATASET_ID, compat.nnunet_planner_class("ExperimentPlanner"))
+        compat.preprocess(TINY_DATASET_ID, "nnUNetPlans", ["3d_fullres"], 1)
+    return root
 
 
 def unlabeled_cases() -> set[str]:

@@ -169,6 +169,21 @@ def test_training_live_and_from_the_embedding_cache_and_resuming(root_2d, tiny_e
     assert f"{len(training_cases)} case(s) cached, 0 to compute, 0 stale" in log_text(again)
     again.on_train_end()
 
+    # damaged: a truncated embedding file is refused naming it; the rebuild switch computes that case again
+    damaged = cache.folder / f"{training_cases[0]}.emb.npy"
+    content = damaged.read_bytes()
+    damaged.unlink()  # a new file: earlier trainers still map the old one
+    damaged.write_bytes(content[:-10])
+    with pytest.raises(EmbeddingCacheError, match=rf"{damaged.name} is damaged \(truncated.*Delete .*"
+                                                  rf"{training_cases[0]}\.json.*NNUNET_EXT_SAM_CACHE_REBUILD=1"):
+        trainer_for(root_2d, tiny_env, tmp_path / "damaged").on_train_start()
+    tiny_env.setenv("NNUNET_EXT_SAM_CACHE_REBUILD", "1")
+    rebuilt = trainer_for(root_2d, tiny_env, tmp_path / "rebuilt")
+    rebuilt.on_train_start()
+    assert f"{len(training_cases) - 1} case(s) cached, 0 to compute, 1 stale to recompute" in log_text(rebuilt)
+    rebuilt.on_train_end()
+    tiny_env.delenv("NNUNET_EXT_SAM_CACHE_REBUILD")
+
     # --c: weights and cache settings come from the checkpoint; no SAM checkpoint needed
     for variable in ("NNUNET_EXT_SAM_CACHE", "NNUNET_EXT_SAM_CACHE_VERSIONS", "NNUNET_EXT_SAM_CHECKPOINT"):
         tiny_env.delenv(variable)

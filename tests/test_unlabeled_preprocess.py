@@ -19,7 +19,9 @@ from nnunet_ext.datasets.synthetic import SyntheticSpec, make_case, write_synthe
 from nnunet_ext.datasets.unlabeled import MARKER, write_unlabeled_images
 from nnunet_ext.unlabeled.convention import (UnlabeledDataError, check_unique_case_names, list_unlabeled_cases,
                                              manifest_path, unlabeled_preprocessed_folder)
-from nnunet_ext.unlabeled.preprocess import PROPERTIES_KEY, STAGING, plans_stamp, preprocess_unlabeled, read_manifest
+from nnunet_ext import atomic_io
+from nnunet_ext.testing.hostile import temporaries
+from nnunet_ext.unlabeled.preprocess import PROPERTIES_KEY, plans_stamp, preprocess_unlabeled, read_manifest
 from semi_support import (COPIED_CASE, COPY_NAME, SEMI_DATASET_ID, nnunet_environment, semi_root,
                           unlabeled_cases)
 
@@ -75,7 +77,7 @@ def test_layout_and_manifest(root):
     assert set(identifiers) == unlabeled_cases()
     labeled = compat.dataset_class_of_folder(labeled_folder).get_identifiers(str(labeled_folder))
     assert not set(labeled) & unlabeled_cases(), "unlabelled cases must never appear among nnU-Net's labelled ones"
-    assert not (unlabeled_folder / STAGING).exists()
+    assert not temporaries(labeled_folder.parent), "staging folders or temporary files were left behind"
 
 
 def test_cli_rewrites_only_its_own_folder_in_parallel(root, capsys):
@@ -100,10 +102,13 @@ def test_cli_rewrites_only_its_own_folder_in_parallel(root, capsys):
 
 def test_rerun_resumes_an_interrupted_run_and_redoes_cases_made_with_other_plans(root):
     _, unlabeled_folder = folders(root)
-    # interrupted: one case without its properties (written last), a staging leftover
+    # interrupted: one case without its properties (moved last), the staging folder of a killed run
     (unlabeled_folder / "synth_u001.pkl").unlink()
-    (unlabeled_folder / STAGING / "synth_u002").mkdir(parents=True)
-    (unlabeled_folder / STAGING / "synth_u002" / "synth_u002.b2nd").write_bytes(b"half written")
+    dead = atomic_io._private_name(atomic_io.STAGING_PREFIX, f"{unlabeled_folder.name}.synth_u002").split(".")
+    dead[3] = "999999999"  # a process id that does not exist: the run was killed
+    leftover = unlabeled_folder.parent / ".".join(dead)
+    leftover.mkdir()
+    (leftover / "synth_u002.b2nd").write_bytes(b"half written")
     # made with other plans: a different stamp
     properties = compat.load_case_properties(unlabeled_folder / "synth_u000.pkl")
     properties[PROPERTIES_KEY]["stamp"] = "old-plans"
@@ -112,7 +117,7 @@ def test_rerun_resumes_an_interrupted_run_and_redoes_cases_made_with_other_plans
         (result,) = preprocess_unlabeled(SEMI_DATASET_ID, [CONFIG])
     assert set(result.processed) == {"synth_u001", "synth_u000"}
     assert set(result.cases) == unlabeled_cases()
-    assert not (unlabeled_folder / STAGING).exists()
+    assert not leftover.exists() and not temporaries(unlabeled_folder.parent)
     with nnunet_environment(root):
         (again,) = preprocess_unlabeled(SEMI_DATASET_ID, [CONFIG])
     assert again.processed == (), "a complete folder is left as it is"
@@ -197,6 +202,20 @@ def test_convention_lists_cases_in_channel_order_and_ignores_hidden_files(tmp_pa
     assert [p.name for p in cases[1].files] == ["b_0000.nii.gz", "b_0001.nii.gz"]
     with pytest.raises(UnlabeledDataError, match="No imagesUnlabeled folder"):
         list_unlabeled_cases(tmp_path / "elsewhere", _dataset_json(1))
+
+
+def test_the_labelled_reference_is_the_first_training_case_of_imagesTr_or_of_dataset_json(tmp_path):
+    from nnunet_ext.unlabeled.preprocess import first_training_case
+
+    (tmp_path / "imagesTr").mkdir()
+    for name in ("b_0000.nii.gz", "b_0001.nii.gz", "a_0000.nii.gz", "a_0001.nii.gz", "c_0000.nii.gz"):
+        (tmp_path / "imagesTr" / name).write_bytes(b"x")
+    identifier, files = first_training_case(tmp_path, _dataset_json(2))
+    assert identifier == "a" and [f.name for f in files] == ["a_0000.nii.gz", "a_0001.nii.gz"]
+    (tmp_path / "imagesTr" / "a_0001.nii.gz").unlink()
+    assert first_training_case(tmp_path, _dataset_json(2)) is None  # incomplete: not a reference
+    listed = {**_dataset_json(1), "dataset": {"z": {"images": ["imagesTr/b_0001.nii.gz"], "label": "l.nii.gz"}}}
+    assert first_training_case(tmp_path, listed) == ("z", [tmp_path / "imagesTr" / "b_0001.nii.gz"])
 
 
 def test_unlabelled_names_that_are_labelled_cases_are_refused(tmp_path):

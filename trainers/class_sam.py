@@ -28,6 +28,10 @@ Settings (environment variables, so the stock commands need no extra options):
   type/transform) is refused unless ``NNUNET_EXT_SAM_CACHE_REBUILD=1``. Validation always runs the
   live network on nnU-Net's validation patches. The cache settings are method state: ``--c``
   keeps them unless the variable is set again (``NNUNET_EXT_SAM_CACHE=off`` switches it off).
+  A damaged cache file (truncated array, corrupt json, damaged ``encoder.json``) is refused naming
+  the file (``NNUNET_EXT_SAM_CACHE_REBUILD=1`` computes it again); so are preprocessed cases that
+  cannot be read or whose shapes do not fit, and plans settings ClassSAM cannot take: one line
+  under ``nnUNetv2_train``, no traceback.
 
 Loss (:class:`nnunet_ext.losses.class_prompt.ClassSAMLoss`): SurgicalSAM's sigmoid Dice on the
 present classes + its contrastive prototype loss (NT-Xent, temperature 0.07, class embeddings from
@@ -93,6 +97,52 @@ def _number(environ, variable: str, default, kind=float):
     return value
 
 
+def build_class_sam(settings: dict, input_channels: int, num_classes: int) -> ClassSAM:
+    """ClassSAM from the plans' ``nnunet_ext_class_sam`` settings; bad settings are a one-line error."""
+    if not isinstance(settings, dict):
+        raise ClassSAMError(f"The plans' {CLASS_SAM_PLANS_KEY!r} must be a JSON object of ClassSAM settings, not "
+                            f"{settings!r}. Remove it from the plans to use the defaults.")
+    try:
+        return ClassSAM(input_channels=input_channels, num_classes=num_classes, **settings)
+    except TypeError as error:
+        known = sorted(default_network_settings({}).keys())
+        raise ClassSAMError(f"The plans' {CLASS_SAM_PLANS_KEY!r} settings {settings} do not fit ClassSAM ({error}). "
+                            f"Use only the keys {', '.join(known)}, or remove the entry to use the defaults.") from None
+
+
+def case_shape_problem(data, seg, channels: int | None) -> str | None:
+    """What is wrong with the shapes of a preprocessed 2d case (image ``(C, Z, Y, X)``, segmentation
+    ``(1, Z, Y, X)``) for ClassSAM, or None."""
+    if data.ndim != 4:
+        return f"the image array has shape {tuple(data.shape)}, not (channels, slices, y, x)"
+    if channels is not None and data.shape[0] != channels:
+        return f"the image has {data.shape[0]} channel(s), but dataset.json lists {channels}"
+    if tuple(seg.shape) != (1, *data.shape[1:]):
+        return f"the segmentation has shape {tuple(seg.shape)}, the image {tuple(data.shape)}"
+    if min(data.shape[1:]) < 1:
+        return f"the image array has shape {tuple(data.shape)} (an empty axis)"
+    return None
+
+
+def load_checked_case(dataset, identifier: str, channels: int | None):
+    """``(data, seg)`` of a preprocessed case for the embedding cache; an unreadable case or one whose shapes
+    do not fit is a one-line :class:`ClassSAMError` naming it and the fix."""
+    folder = getattr(dataset, "source_folder", "the preprocessed folder")
+    fix = ("Preprocess the dataset again (nnUNetv2_preprocess -d DATASET -c 2d with the same plans), then train "
+           "again; delete the embedding cache's folder if it was built from the old files.")
+    try:
+        data, seg = compat.load_preprocessed_case(dataset, identifier)
+    except Exception as error:  # noqa: BLE001 - blosc2/numpy/pickle readers raise many types
+        first = str(error).strip().splitlines()[0][:120] if str(error).strip() else ""
+        raise ClassSAMError(f"The preprocessed case {identifier!r} in {folder} cannot be read "
+                            f"({type(error).__name__}: {first}). {fix}") from None
+    problem = case_shape_problem(data, seg, channels)
+    if problem:
+        raise ClassSAMError(f"The preprocessed case {identifier!r} in {folder} does not fit ClassSAM: {problem}. "
+                            f"{fix}")
+    return data, seg
+
+
 @dataclass(frozen=True)
 class CacheSettings:
     folder: str | None = None
@@ -149,7 +199,7 @@ class ClassSAMTrainer(nnUNetExtTrainer):
     def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
                                    num_output_channels: int, enable_deep_supervision: bool = True):
         settings = plans_manager.plans.get(CLASS_SAM_PLANS_KEY) or default_network_settings()
-        return ClassSAM(input_channels=num_input_channels, num_classes=num_output_channels, **settings)
+        return build_class_sam(settings, num_input_channels, num_output_channels)
 
     @property
     def network_settings(self) -> dict:
@@ -256,7 +306,8 @@ class ClassSAMTrainer(nnUNetExtTrainer):
             with torch.no_grad(), compat.training_autocast(self.device):
                 return network.encode(torch.from_numpy(tiles).to(self.device)).float().cpu().numpy()
 
-        build(cache, lambda i: compat.load_preprocessed_case(dataset_tr, i), identifiers, encode, self.batch_size,
+        channels = len(self.dataset_json.get("channel_names", self.dataset_json.get("modality", {}))) or None
+        build(cache, lambda i: load_checked_case(dataset_tr, i, channels), identifiers, encode, self.batch_size,
               log=self.print_to_log_file)
         return CachedBatches(cache, identifiers, self.batch_size, self.oversample_foreground_percent)
 

@@ -12,7 +12,8 @@ training split only N cases keep their labels, the rest are used as unlabelled i
   and independent between folds; validation cases are never touched (nnU-Net validates as usual);
 * the choice is saved as ``label_budget.json`` in the fold's results folder. A rerun or ``--c``
   reads it back and refuses a different budget, seed or training split instead of silently
-  training on other labels.
+  training on other labels. It is written through :mod:`nnunet_ext.atomic_io` (complete or absent);
+  a damaged file is refused with a message naming it.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from nnunet_ext import atomic_io
 from nnunet_ext.errors import UserFacingError
 
 BUDGET_VARIABLE = "NNUNET_EXT_LABEL_BUDGET"
@@ -133,7 +135,7 @@ def apply_budget(output_folder: str | os.PathLike, training_cases: Sequence[str]
     ``write=False`` (DDP ranks other than 0) computes the same choice without writing the file.
     """
     path = Path(output_folder) / BUDGET_FILE
-    saved = json.loads(path.read_text()) if path.is_file() else None
+    saved = read_saved_budget(path)
     if budget is None:
         if saved is not None:
             raise LabelBudgetError(
@@ -159,15 +161,34 @@ def apply_budget(output_folder: str | os.PathLike, training_cases: Sequence[str]
     labeled, unlabeled = choose_labeled(cases, budget, seed, fold)
     if write:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps({
+        atomic_io.write_json(path, {
             "budget": budget.to_json(), "seed": seed, "fold": fold, "num_training_cases": len(cases),
             "num_labeled": len(labeled), "labeled": labeled, "unlabeled": unlabeled,
             "note": "Written by nnunet-ext's label-budget mode: only 'labeled' cases of this fold's training split "
                     "keep their labels; 'unlabeled' ones are used as unlabelled images. Validation is unchanged.",
-        }, indent=2) + "\n")
-        os.replace(tmp, path)
+        })
     return BudgetSplit(labeled, unlabeled, path, reused=False)
+
+
+def read_saved_budget(path: Path) -> dict | None:
+    """The saved choice of an earlier run (None if there is none); a damaged file is refused, naming it."""
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+        budget = saved["budget"]
+        Budget(count=budget["count"], fraction=budget["fraction"])
+        if not isinstance(saved["seed"], int) or not all(
+                isinstance(saved[key], list) and all(isinstance(c, str) for c in saved[key])
+                for key in ("labeled", "unlabeled")):
+            raise TypeError("wrong types")
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
+        problem = str(error).splitlines()[0][:100] if str(error) else type(error).__name__
+        raise LabelBudgetError(
+            f"{path} is damaged ({problem}); it records which training cases of this fold keep their labels. "
+            f"Restore it from a backup, or delete it to have the same choice made again (it is reproducible from "
+            f"{BUDGET_VARIABLE}, {SEED_VARIABLE}, the fold and its training cases).") from None
+    return saved
 
 
 def _saved_budget_text(saved: dict) -> str:

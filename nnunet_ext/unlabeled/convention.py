@@ -21,7 +21,9 @@ folder; unlabelled cases must never show up there. The manifest sits next to the
 it because nnU-Net infers a folder's storage format from the file endings inside it.
 
 Case names must be unique across ``imagesTr`` and ``imagesUnlabeled``: an unlabelled copy of a
-labelled (possibly validation) image would leak it into training unnoticed.
+labelled (possibly validation) image would leak it into training unnoticed. File names may hold
+letters, digits and ``. _ - +`` only: no newlines, quotes, ``$(...)`` or other characters a shell
+or a line-based log would interpret.
 """
 from __future__ import annotations
 
@@ -84,13 +86,17 @@ def list_unlabeled_cases(raw_dataset_folder: str | Path, dataset_json: dict) -> 
             f"No {UNLABELED_IMAGES_FOLDER} folder in {Path(raw_dataset_folder)}. Put the unlabelled images in "
             f"{folder}, named and channelled like imagesTr (CASE_0000{dataset_json.get('file_ending', '.nii.gz')}, "
             f"one file per channel; see the {README_SECTION}).")
-    ending = dataset_json["file_ending"]
+    ending = dataset_json.get("file_ending")
+    if not isinstance(ending, str) or not ending.startswith("."):
+        raise UnlabeledDataError(f"dataset.json has no valid 'file_ending' (got {ending!r}); it is not an nnU-Net v2 "
+                                 f"dataset.json. Add e.g. \"file_ending\": \".nii.gz\" and plan the dataset again.")
     channels = num_channels(dataset_json)
     expected = ", ".join(f"CASE_{c:04d}{ending}" for c in range(min(channels, 3))) + (", ..." if channels > 3 else "")
     found: dict[str, dict[int, Path]] = {}
     for path in sorted(folder.iterdir()):
         if path.name.startswith("."):
             continue
+        _check_name_characters(path)
         if not path.is_file() or not path.name.endswith(ending):
             raise UnlabeledDataError(
                 f"{path} is not a{'n image' if path.is_file() else ' file'} with the dataset's file ending "
@@ -124,6 +130,23 @@ def list_unlabeled_cases(raw_dataset_folder: str | Path, dataset_json: dict) -> 
                 f"({_channel_names(dataset_json)}) and every case needs all of them, as in imagesTr.")
         cases.append(UnlabeledCase(case, tuple(files[c] for c in range(channels))))
     return cases
+
+
+#: characters a case name may hold besides letters and digits: file names of unlabelled images end up in
+#: preprocessed file names, manifests, logs and (through them) job scripts and shells
+SAFE_NAME_PUNCTUATION = "._-+"
+
+
+def _check_name_characters(path: Path) -> None:
+    """Refuse file names with control characters (a newline would split every log line and listing) or
+    characters a shell interprets (quotes, ``$``, backquotes, ``;``, ...), naming them and the fix."""
+    bad = sorted({c for c in path.name if not (c.isalnum() or c in SAFE_NAME_PUNCTUATION)})
+    if bad:
+        raise UnlabeledDataError(
+            f"{ascii(str(path))}: the file name holds {', '.join(ascii(c) for c in bad)}, which case names may not "
+            f"contain (they become preprocessed file names and appear in logs and job scripts). Rename it using "
+            f"letters, digits and {' '.join(SAFE_NAME_PUNCTUATION)} only, e.g. "
+            f"{ascii(''.join(c if c.isalnum() or c in SAFE_NAME_PUNCTUATION else '_' for c in path.name))}.")
 
 
 def check_unique_case_names(unlabeled: Iterable[str], labeled: Iterable[str], folder: str | Path) -> None:
