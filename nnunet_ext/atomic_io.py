@@ -207,15 +207,23 @@ def link_into_place(source: str | os.PathLike, target: str | os.PathLike) -> Non
         raise
 
 
+def private_folder(beside: str | os.PathLike, label: str = "") -> Path:
+    """Create and return an empty folder of this process beside ``beside`` (a staging name, so once the
+    process is gone :func:`remove_stale_temporaries` removes whatever of it is left). The caller
+    empties and removes it; :func:`staged_folder` and :func:`scratch_folder` do that themselves."""
+    beside = Path(beside)
+    beside.parent.mkdir(parents=True, exist_ok=True)
+    folder = beside.parent / _private_name(STAGING_PREFIX, f"{beside.name}.{label}" if label else beside.name)
+    folder.mkdir()
+    return folder
+
+
 @contextlib.contextmanager
 def scratch_folder(beside: str | os.PathLike) -> Iterator[Path]:
     """A private working folder next to ``beside`` (same file system, so results can be moved out of it
     atomically), always deleted at the end; a killed run's leftover carries a staging name, so the next
     run's :func:`remove_stale_temporaries` removes it."""
-    beside = Path(beside)
-    beside.parent.mkdir(parents=True, exist_ok=True)
-    folder = beside.parent / _private_name(STAGING_PREFIX, f"{beside.name}.scratch")
-    folder.mkdir()
+    folder = private_folder(beside, "scratch")
     try:
         yield folder
     finally:

@@ -142,7 +142,8 @@ def reader_complaint(error: Exception) -> str:
     return text[:160]
 
 
-def _same_grid(reference: ImageInfo, other: ImageInfo) -> str | None:
+def same_grid(reference: ImageInfo, other: ImageInfo) -> str | None:
+    """None if ``other`` lies on ``reference``'s grid (shape, spacing, direction), else what differs."""
     if reference.shape != other.shape:
         return f"shape {other.shape} differs from {reference.path.name}'s {reference.shape}"
     if len(reference.spacing) != len(other.spacing) or not np.allclose(reference.spacing, other.spacing, rtol=1e-4,
@@ -217,7 +218,7 @@ def check_case(images: Sequence[str | os.PathLike], reader, *, label: str | os.P
                 raise UserFacingError(f"{info.path}: a {info.spatial_dims}D image in a {spatial_dims}D dataset. "
                                       f"Remove it or convert it to {spatial_dims}D.")
         else:
-            problem = _same_grid(reference, info)
+            problem = same_grid(reference, info)
             if problem:
                 raise UserFacingError(f"{info.path}: {problem}; every channel of a case must share one grid. "
                                       f"Resample it onto {reference.path.name}'s grid.")
@@ -225,7 +226,7 @@ def check_case(images: Sequence[str | os.PathLike], reader, *, label: str | os.P
     if label is not None:
         data, info = read_image(label, reader, what="label")
         check_stored_values(info.path, "label values")
-        problem = _same_grid(reference, info)
+        problem = same_grid(reference, info)
         if problem:
             raise UserFacingError(f"{info.path}: {problem}; a label must share its image's grid. "
                                   f"Resample it (nearest neighbour) onto {reference.path.name}'s grid.")

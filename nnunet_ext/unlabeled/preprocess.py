@@ -167,7 +167,7 @@ def check_unlabeled_case(case: UnlabeledCase, reader, reference: LabelledReferen
         if first is None:
             first = info
             continue
-        problem = image_checks._same_grid(first, info)  # noqa: SLF001 - the checks' own grid comparison
+        problem = image_checks.same_grid(first, info)
         if problem:
             raise UnlabeledDataError(f"{path}: {problem}; every channel of a case must share one grid. Resample it "
                                      f"onto {first.path.name}'s grid.")
@@ -199,10 +199,7 @@ class _Job:
 def _private_staging(output_folder: Path, identifier: str) -> Path:
     """A staging folder of this process beside the output (``atomic_io``'s naming, so that
     ``remove_stale_temporaries`` removes it once this process is gone)."""
-    staging = output_folder.parent / atomic_io._private_name(  # noqa: SLF001 - the write path's own naming
-        atomic_io.STAGING_PREFIX, f"{output_folder.name}.{identifier}")
-    staging.mkdir()
-    return staging
+    return atomic_io.private_folder(output_folder, identifier)
 
 
 def _preprocess_into(job: _Job, staging: Path) -> None:
