@@ -1,7 +1,7 @@
 """Network classes of nnunet-ext (installed as ``nnunet_ext.architectures``) and their registry.
 
 ``NETWORKS`` names every network we provide; ``paper_network(name, conventions)`` builds one in its
-paper's configuration (input channels, classes, patch size as in METHODS.md), in our default
+paper's configuration (input channels, classes, patch size as in the paper), in our default
 conventions or in the official implementation's (``"official"``: the choices that let the
 official weights load; the same network where ours already is the official one). Tests and
 ``benchmarks/params.py`` are parametrised over it, so a registered network is tested for

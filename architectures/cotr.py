@@ -61,7 +61,7 @@ at half resolution in-plane but full resolution in z. With ``decoder.deep_superv
 Parameter count
 ---------------
 :func:`paper_cotr` (1 input channel, 14 classes) has exactly 41,872,504 parameters, the
-number in METHODS.md: encoder 20,500,800, transformer 9,316,992, decoder 12,054,712 (20.50 M,
+number counted from the official code: encoder 20,500,800, transformer 9,316,992, decoder 12,054,712 (20.50 M,
 9.32 M, 12.05 M as the official code prints). Independent of the norm type (IN with affine,
 BN, SyncBN and GN all have 2 parameters per channel) and of ``weight_std``.
 

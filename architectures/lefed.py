@@ -1,13 +1,13 @@
 """LeFeD: a V-Net with two decoders whose feature discrepancy is fed back into the encoder.
 
-Follows METHODS.md (LeFeD section) and the official code (github.com/maxwell0027/LeFeD,
+Follows the paper (Zeng et al., TMI 2025) and the official code (github.com/maxwell0027/LeFeD,
 ``networks/my_net.py``, read for understanding; it does not run as published) on our own blocks:
 
 * encoder: V-Net (16 base filters, 1/2/3/3/3 conv-BN-ReLU layers per stage, stride-k convs of
   kernel k for downsampling, ``Dropout3d(0.3)`` on the bottleneck);
 * decoder 1: transposed-conv upsampling; decoder 2: trilinear (``align_corners=True``) + 3x3x3
   conv upsampling; both with 3/3/2/1 conv layers per stage, additive skips and ``Dropout3d(0.5)``
-  before the 1x1 classifier. METHODS.md names the 0.5 dropout with decoder 2; the official
+  before the 1x1 classifier. The paper names the 0.5 dropout with decoder 2; the official
   ``Decoder`` class applies it in both decoders (``has_dropout`` is shared) and so do we;
 * decoder 2 is gated by decoder 1: with ``w_k = sigmoid(f1_k).detach()`` (``f1_k`` = decoder 1's
   feature at stage k), the bottleneck becomes ``x5 + x5 * w5`` and every skip ``x_k * w_k``, so the
@@ -32,7 +32,7 @@ Outputs: ``decoder.deep_supervision`` is the switch nnU-Net flips. On (or ``trai
 what the trainer passes), ``forward`` returns :class:`LeFeDOutput`; off (nnU-Net's predictor and
 validation), decoder 1's logits only, computed in one pass without decoder 2 or the side heads.
 Parameters (LA: 1 channel, 2 classes): 12,348,718 = encoder 7,376,896 + decoder 1 2,071,970 +
-decoder 2 2,898,850 + side heads 1,002, as METHODS.md.
+decoder 2 2,898,850 + side heads 1,002, as counted from the official code.
 
 Official weights: this network is the official ``LeFeD_Net`` (no conventions to switch);
 ``official_key_map()`` / ``from_official_state_dict(sd)`` / ``official_state_dict()`` rename

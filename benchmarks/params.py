@@ -1,7 +1,7 @@
 """Parameter count of every registered network in its paper configuration, against the paper's.
 
 One JSON line per network of ``nnunet_ext.architectures.NETWORKS``: name, parameters counted from
-the built module, the paper's count (METHODS.md) and the relative difference.
+the built module, the paper's (or official code's) count and the relative difference.
 """
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ class PaperNetwork:
 
     name: str
     builder: str  # "module:function" returning the torch module; no arguments = default conventions
-    paper_parameters: int | None  # the official implementation's count (METHODS.md); None where it has none
+    paper_parameters: int | None  # the official implementation's count; None where it has none
     configuration: str  # human-readable: which dataset configuration the builder reproduces
     parameters: int  # exact count of the network built by ``builder()`` (default conventions)
     official_parameters: int  # exact count with conventions="official"
@@ -79,7 +79,7 @@ METHODS: tuple[Method, ...] = (
         paper="Hu et al., Boundary-Aware Network for Kidney Parsing (KiPA22) / abdominal multi-organ "
               "segmentation (AMOS22), github.com/ShishuaiHu/BA-Net",
         trainers=("nnunet_ext.trainers.banet:BANetTrainer",),
-        # METHODS.md: about 48.4 M; 48,366,848 counted by instantiating the official generic_BANetV2
+        # paper: about 48.4 M; 48,366,848 counted by instantiating the official generic_BANetV2
         networks=(PaperNetwork("BANet", "nnunet_ext.architectures.banet:paper_banet", 48_366_848,
                                "KiPA22: 1 input channel, 5 classes, nnU-Net 3d_fullres default topology for a "
                                "128x128x128 patch", parameters=48_368_483, official_parameters=48_366_848,
@@ -147,7 +147,7 @@ METHODS: tuple[Method, ...] = (
         paper="Xie et al., Learning from partially labeled data for multi-organ and tumor segmentation "
               "(TransDoDNet), TPAMI 2023",
         trainers=("nnunet_ext.trainers.transdodnet:TransDoDNetTrainer",),
-        # METHODS.md gives none; 39,049,941 counted by instantiating the official TransDoD model
+        # the paper gives none; 39,049,941 counted by instantiating the official TransDoD model
         networks=(PaperNetwork("TransDoDNet", "nnunet_ext.architectures.transdodnet:paper_transdodnet",
                                39_049_941, "MOTS: 7 tasks, 1 channel, 64x192x192 patch",
                                parameters=39_049_941, official_parameters=39_049_941,
@@ -163,7 +163,7 @@ METHODS: tuple[Method, ...] = (
         paper="Yue et al., SurgicalSAM: Efficient Class Promptable Surgical Instrument Segmentation, AAAI 2024, "
               "github.com/wenxi-yue/SurgicalSAM (SAM: Kirillov et al., Segment Anything, ICCV 2023)",
         trainers=("nnunet_ext.trainers.class_sam:ClassSAMTrainer",),
-        # paper None: METHODS.md's "about 4.65 M" counts the trainable part only; ours: 4,518,114 trainable
+        # paper None: SurgicalSAM's "about 4.65 M" counts the trainable part only; ours: 4,518,114 trainable
         # of 641,677,798 (frozen vit_h encoder). The official convention is the same network (SurgicalSAM's
         # difference is in the preprocessing, not in the network).
         networks=(PaperNetwork("ClassSAM", "nnunet_ext.architectures.class_sam:paper_class_sam", None,

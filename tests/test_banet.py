@@ -194,7 +194,7 @@ def test_modulation_uses_the_boundary_probability():
 
 
 def test_paper_configuration_adds_the_boundary_decoder_to_nnunets_default_network():
-    """METHODS.md: 31.2 M (nnU-Net, 5 pools, 32..320, 5 classes) -> about 48.4 M with the boundary
+    """Paper: 31.2 M (nnU-Net, 5 pools, 32..320, 5 classes) -> about 48.4 M with the boundary
     decoder; exactly 48,366,848 in the official generic_BANetV2 = ours in the official convention,
     which drops the 20 biases of the decoders' transposed convs and heads (800 + 800 + 5*5 + 5*2)."""
     kwargs = nnunet_default_topology_3d((128, 128, 128))

@@ -23,7 +23,7 @@ from nnunet_ext.errors import UserFacingError
 from nnunet_ext.losses.class_prompt import (ClassSAMLoss, class_embeddings, class_masks, contrastive_prototype_loss,
                                             sigmoid_dice)
 
-METHODS_TRAINABLE = 4_650_000  # METHODS.md: "about 4.65 M trainable parameters"
+METHODS_TRAINABLE = 4_650_000  # SurgicalSAM paper: "about 4.65 M trainable parameters"
 
 
 @pytest.fixture(autouse=True)

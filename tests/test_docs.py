@@ -181,11 +181,7 @@ def test_readme_links_point_to_files_in_the_repository():
 
 # Files that still cite documents outside the repository. They belong to other work in progress; the
 # documentation cites papers and official repositories instead. Remove entries as they are fixed.
-OUTSIDE_REFERENCE_EXCEPTIONS = {
-    "architectures/__init__.py", "architectures/cotr.py", "architectures/lefed.py", "nnunet_ext/registry.py",
-    "benchmarks/params.py", "tests/test_transdodnet.py", "tests/test_banet.py", "tests/test_mcnet.py",
-    "tests/test_dodnet.py", "tests/test_uniseg_network.py", "tests/test_lefed.py", "tests/test_class_sam.py",
-}
+OUTSIDE_REFERENCE_EXCEPTIONS: set[str] = set()
 
 
 def test_nothing_refers_to_files_outside_the_repository():

@@ -45,7 +45,7 @@ def mots_like_map() -> TaskMap:
 
 def test_paper_configuration_has_the_papers_size():
     network = paper_dodnet()
-    assert sum(p.numel() for p in network.parameters()) == 17_329_528  # METHODS.md, exact
+    assert sum(p.numel() for p in network.parameters()) == 17_329_528  # the official model's count, exact
     assert sum(p.numel() for p in network.controller.parameters()) == 42_768
     assert network.controller.in_channels == 256 + 7 and network.controller.out_channels == 162
 

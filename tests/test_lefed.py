@@ -32,7 +32,7 @@ def test_paper_configuration_has_the_papers_parameter_count():
     network = paper_lefed()
     assert count(network) == 12_348_718
     parts = (network.encoder, network.decoder.decoder1, network.decoder.decoder2, network.decoder.side)
-    assert [count(m) for m in parts] == [7_376_896, 2_071_970, 2_898_850, 1_002]  # METHODS.md: 7.38/2.07/2.90 M
+    assert [count(m) for m in parts] == [7_376_896, 2_071_970, 2_898_850, 1_002]  # official code: 7.38/2.07/2.90 M
 
 
 def test_vnet_strides_take_the_plans_first_four_downsamplings():

@@ -30,12 +30,12 @@ def count(module: nn.Module) -> int:
 @pytest.mark.parametrize("num_decoders,expected", [(3, 15_246_566), (2, 12_347_716), (1, 9_448_866)],
                          ids=["mcnet_plus", "mcnet", "vnet"])
 def test_paper_parameter_counts_are_exact(num_decoders, expected):
-    """METHODS.md (counted from the official classes): MC-Net+ 15,246,566, MC-Net 12,347,716, V-Net 9,448,866."""
+    """Counted from the official classes: MC-Net+ 15,246,566, MC-Net 12,347,716, V-Net 9,448,866."""
     assert count(paper_mcnet(num_decoders)) == expected
 
 
 def test_paper_encoder_and_decoder_sizes():
-    """METHODS.md: encoder 7.38 M; decoders 2.07 / 2.90 / 2.90 M (within 1%)."""
+    """Official code: encoder 7.38 M; decoders 2.07 / 2.90 / 2.90 M (within 1%)."""
     network = paper_mcnet()
     assert abs(count(network.encoder) - 7.38e6) <= 0.01 * 7.38e6
     for decoder, paper in zip(network.decoder.decoders, (2.07e6, 2.90e6, 2.90e6)):

@@ -39,7 +39,7 @@ def _small(num_tasks: int = 3, head_channels: int = 2, **kwargs) -> TransDoDNet:
 def test_paper_configuration_has_the_official_size():
     network = paper_transdodnet()
     # 39,049,941 = the official TransDoD model (train.py defaults: ResNet-50, add_memory=2, 7 queries),
-    # counted by instantiating jianpengz/DoDNet TransDoD/models/TransDoDNet.py; METHODS.md gives none
+    # counted by instantiating jianpengz/DoDNet TransDoD/models/TransDoDNet.py; the paper gives none
     assert sum(p.numel() for p in network.parameters()) == 39_049_941
     assert sum(p.numel() for p in network.controller.parameters()) == 192 * 192 + 192 + 192 * 162 + 162
     assert network.query_decoder.query_embed.weight.shape == (7, 2 * 192)

@@ -10,7 +10,7 @@ from torch import nn
 from nnunet_ext.architectures.uniseg import (UNISEG_TASK_CHANNELS, UNISEG_TASK_CLASSES, UniSeg, paper_uniseg)
 from nnunet_ext.tasks.conditioning import TaskNotSetError, is_masked
 
-PAPER_PARAMETERS = 32_114_381  # METHODS.md, counted from the official nnU-Net v1 model
+PAPER_PARAMETERS = 32_114_381  # counted from the official nnU-Net v1 model
 
 # Small anisotropic 3D plan with an odd patch: stage 0 does not pool, stage 1 pools in-plane only.
 SMALL_3D = dict(n_stages=4, features_per_stage=[4, 8, 16, 16], conv_op=nn.Conv3d,

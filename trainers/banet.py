@@ -16,7 +16,7 @@ boundary-consistency term was disabled there (``cons_cond = False``) and is not 
 
 Schedule: nnU-Net's (SGD 1e-2, momentum 0.99, Nesterov, poly, 1000 x 250), unchanged. The
 official runs used a 4-fold split; nnU-Net v2 reads the split from ``splits_final.json``, so write
-a 4-fold one there to reproduce that (see the README).
+a 4-fold one there to reproduce that (see the docs, methods/banet-training).
 
 BA-Net supervises both decoders at every scale, so deep supervision cannot be switched off for
 training (nnU-Net's inference switches it off, which works).

@@ -181,7 +181,7 @@ def build_spec(values: Mapping[str, Any], source: str | None = None, flags: Coll
         close = difflib.get_close_matches(key, KEYS, n=3, cutoff=0.6)
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         raise UserFacingError(f"unknown key {key!r}{' in ' + source if source else ''}.{hint} Known keys: "
-                              f"{', '.join(KEYS)} (see the README, 'Cluster batch jobs').")
+                              f"{', '.join(KEYS)} (see the docs, reference/slurm-plan).")
     if values.get("dataset") in (None, ""):
         raise UserFacingError(f"the dataset is missing: give -d ID (or \"dataset\": 17 in the plan file).")
     where = _locator(source, flags)

@@ -36,7 +36,7 @@ from nnunet_ext.errors import UserFacingError
 
 UNLABELED_IMAGES_FOLDER = "imagesUnlabeled"
 UNLABELED_SUFFIX = "_unlabeled"
-README_SECTION = "README section 'Unlabelled images (semi-supervised methods)'"
+DOCS_PAGE = "docs page how-to/unlabeled-data"
 
 
 class UnlabeledDataError(UserFacingError):
@@ -85,7 +85,7 @@ def list_unlabeled_cases(raw_dataset_folder: str | Path, dataset_json: dict) -> 
         raise UnlabeledDataError(
             f"No {UNLABELED_IMAGES_FOLDER} folder in {Path(raw_dataset_folder)}. Put the unlabelled images in "
             f"{folder}, named and channelled like imagesTr (CASE_0000{dataset_json.get('file_ending', '.nii.gz')}, "
-            f"one file per channel; see the {README_SECTION}).")
+            f"one file per channel; see the {DOCS_PAGE}).")
     ending = dataset_json.get("file_ending")
     if not isinstance(ending, str) or not ending.startswith("."):
         raise UnlabeledDataError(f"dataset.json has no valid 'file_ending' (got {ending!r}); it is not an nnU-Net v2 "
