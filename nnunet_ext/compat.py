@@ -94,6 +94,16 @@ def nnunet_trainer_folder() -> Path:
     return Path(nnunetv2.__path__[0]) / "training" / "nnUNetTrainer"
 
 
+#: the checkpoints ``nnUNetv2_train --c`` looks for in a fold folder, in the order it tries them
+CHECKPOINT_NAMES = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
+#: what ``nnUNetTrainer.load_checkpoint`` reads from every checkpoint (``grad_scaler_state`` only under AMP)
+CHECKPOINT_LOADED_KEYS = ("network_weights", "optimizer_state", "logging", "_best_ema", "current_epoch", "init_args")
+
+
+class UnreadableCheckpoint(Exception):
+    """A checkpoint file that cannot be loaded; the message says why (empty, truncated, ...)."""
+
+
 def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     """Load an nnU-Net checkpoint; memory-mapped, so reading one extra key is cheap."""
     import torch
@@ -101,13 +111,97 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     return torch.load(path, map_location=map_location, weights_only=False, mmap=True)
 
 
-def write_checkpoint(checkpoint: dict, path: str | os.PathLike) -> None:
-    """Write atomically: a crash mid-write must not destroy the previous checkpoint."""
+def unwrapped_network(trainer):
+    """The trainer's network without DDP's ``.module`` and torch.compile's ``_orig_mod`` wrappers:
+    the module whose ``state_dict`` nnU-Net saves and loads."""
+    from torch._dynamo import OptimizedModule
+
+    module = trainer.network.module if trainer.is_ddp else trainer.network
+    return module._orig_mod if isinstance(module, OptimizedModule) else module
+
+
+def nnunet_checkpoint(trainer) -> dict | None:
+    """The dict ``nnUNetTrainer.save_checkpoint`` would save for ``trainer`` (same keys, same values),
+    or None where nnU-Net saves nothing: on processes other than local rank 0, and with
+    checkpointing disabled (logged with nnU-Net's message). tests/test_checkpoint_safety.py compares
+    it with nnU-Net's own save, so a release that changes the checkpoint fails there."""
+    if trainer.local_rank != 0:
+        return None
+    if trainer.disable_checkpointing:
+        trainer.print_to_log_file("No checkpoint written, checkpointing is disabled")
+        return None
+    return {
+        "network_weights": unwrapped_network(trainer).state_dict(),
+        "optimizer_state": trainer.optimizer.state_dict(),
+        "grad_scaler_state": trainer.grad_scaler.state_dict() if trainer.grad_scaler is not None else None,
+        "logging": trainer.logger.get_checkpoint(),
+        "_best_ema": trainer._best_ema,
+        "current_epoch": trainer.current_epoch + 1,
+        "init_args": trainer.my_init_kwargs,
+        "trainer_name": type(trainer).__name__,
+        "inference_allowed_mirroring_axes": trainer.inference_allowed_mirroring_axes,
+    }
+
+
+def write_checkpoint(checkpoint: dict, path: str | os.PathLike, *, durable: bool = True) -> None:
+    """``torch.save`` once, through the atomic write path: ``path`` holds its previous complete file or
+    the new complete one at every instant (a temporary file beside it, fsynced, then ``os.replace``).
+    ``durable=False`` skips the fsyncs (still atomic against a killed process, not against power loss)."""
     import torch
 
-    tmp = f"{os.fspath(path)}.nnunet_ext_tmp"
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)
+    from nnunet_ext.atomic_io import atomic_path
+
+    with atomic_path(path, durable=durable) as temporary:
+        # a path, not a Python file object: torch's own file writer is ~10% faster than its writes through
+        # Python; the archive's internal record prefix is then the temporary's name, which torch.load ignores
+        torch.save(checkpoint, temporary)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
+def check_checkpoint_archive(path: str | os.PathLike) -> None:
+    """Raise UnreadableCheckpoint unless ``path`` is a complete torch.save archive whose records match
+    their CRC-32 checksums (a 0-byte, truncated or overwritten file fails; records saved without a
+    checksum, CRC 0 when torch's ``compute_crc32`` is off, are only read to their end)."""
+    import zipfile
+
+    try:
+        size = os.path.getsize(path)
+    except OSError as error:
+        raise UnreadableCheckpoint(f"cannot be read ({_first_line(error)})") from None
+    if size == 0:
+        raise UnreadableCheckpoint("is empty (0 bytes)")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for record in archive.infolist():
+                if not record.CRC:
+                    record.CRC = None  # zipfile then skips the comparison for this record
+                with archive.open(record) as stream:  # zipfile compares the CRC-32 at the end
+                    while stream.read(1 << 22):
+                        pass
+    except (PermissionError, FileNotFoundError, IsADirectoryError) as error:
+        raise UnreadableCheckpoint(f"cannot be read ({_first_line(error)})") from None
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as error:
+        raise UnreadableCheckpoint(f"is truncated, corrupt or not a PyTorch checkpoint ({size} bytes; "
+                                   f"{_first_line(error)})") from None
+
+
+def read_intact_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
+    """``read_checkpoint`` for a file that must be a complete nnU-Net checkpoint; raises
+    UnreadableCheckpoint (its message says what is wrong) for a missing, empty, truncated or corrupt
+    file and for one without the keys nnU-Net's ``load_checkpoint`` reads."""
+    check_checkpoint_archive(path)
+    try:
+        checkpoint = read_checkpoint(path, map_location)
+    except Exception as error:  # noqa: BLE001 - whatever torch raises, the file cannot be loaded
+        raise UnreadableCheckpoint(f"cannot be loaded ({_first_line(error)})") from None
+    missing = [key for key in CHECKPOINT_LOADED_KEYS if not isinstance(checkpoint, dict) or key not in checkpoint]
+    if missing:
+        raise UnreadableCheckpoint(f"is not an nnU-Net checkpoint (it has no {', '.join(map(repr, missing))})")
+    return checkpoint
 
 
 def image_reader_writer(dataset_json: dict | None, example_file: str):
@@ -291,9 +385,12 @@ def load_case_properties(path: str | os.PathLike) -> dict:
 
 
 def save_case_properties(properties: dict, path: str | os.PathLike) -> None:
+    """nnU-Net's pickle writer, through our atomic write path."""
     from batchgenerators.utilities.file_and_folder_operations import write_pickle
 
-    write_pickle(properties, os.fspath(path))
+    from nnunet_ext.atomic_io import write_with
+
+    write_with(path, lambda temporary: write_pickle(properties, os.fspath(temporary)))
 
 
 def nnunet_data_loader_class():
@@ -404,7 +501,9 @@ def save_summary(summary: dict, path: str | os.PathLike) -> None:
 
     summary = deepcopy(summary)
     recursive_fix_for_json_export(summary)  # numpy scalars from the per-case metrics
-    save_summary_json(summary, os.fspath(path))
+    from nnunet_ext.atomic_io import write_with
+
+    write_with(path, lambda temporary: save_summary_json(summary, os.fspath(temporary)))
 
 
 def predictor(tile_step_size: float = 0.5, use_mirroring: bool = True, device=None, verbose: bool = False):
@@ -416,3 +515,84 @@ def predictor(tile_step_size: float = 0.5, use_mirroring: bool = True, device=No
                            perform_everything_on_device=(device or torch.device("cpu")).type == "cuda",
                            device=device or torch.device("cpu"), verbose=verbose, verbose_preprocessing=False,
                            allow_tqdm=True)
+
+
+# --- several label maps from one sliding-window pass (nnunet-ext predict --task all) ----------------
+
+def compile_requested() -> bool:
+    """nnU-Net's switch for torch.compile (``nnUNet_compile``), read as its predictor reads it."""
+    return os.environ.get("nnUNet_compile", "").lower() in ("true", "1", "t")
+
+
+class _StackedHeads:
+    """The predictor's label manager, reporting ``heads`` segmentation heads: nnU-Net's sliding window
+    sizes its logit buffer by ``num_segmentation_heads`` and nothing else here."""
+
+    def __init__(self, label_manager, heads: int) -> None:
+        self._label_manager, self.num_segmentation_heads = label_manager, heads
+
+    def __getattr__(self, name: str):
+        return getattr(self._label_manager, name)
+
+
+@contextlib.contextmanager
+def stacked_predictor(predictor, network, channels: int):
+    """nnU-Net's initialised ``predictor`` with ``network`` in place of the model's for the block: a
+    network whose output stacks several label maps' logits, ``channels`` in all. nnU-Net loads every
+    fold's weights into it (``network.load_state_dict`` must take the model's state dicts) and sizes its
+    sliding-window buffer by ``channels``; under ``nnUNet_compile`` it is compiled as nnU-Net compiles
+    its own."""
+    import torch
+
+    saved = predictor.network, predictor.label_manager
+    predictor.network = torch.compile(network) if compile_requested() else network
+    predictor.label_manager = _StackedHeads(saved[1], channels)
+    try:
+        yield
+    finally:
+        predictor.network, predictor.label_manager = saved
+
+
+def predict_stacked_outputs(predictor, network, block_channels: Sequence[int], image_files: Sequence[Sequence[str]],
+                            output_files: Sequence[Sequence[str]], num_processes_preprocessing: int = 1,
+                            num_processes_export: int = 1) -> None:
+    """nnU-Net's prediction with a stacked ``network`` (:func:`stacked_predictor`) whose channel block ``b``
+    holds ``block_channels[b]`` classes' logits (e.g. one block per task of a universal model): for each
+    case ``image_files[i]``, nnU-Net's preprocessing, its ``predict_logits_from_preprocessed_data`` (every
+    fold, sliding window, Gaussian weighting, mirroring, fold average), then nnU-Net's export (resampling,
+    argmax, writer) of block ``b`` to ``output_files[i][b]`` (a path without file ending, as nnU-Net's
+    output names): a label map of the block's class indices 0 .. block_channels[b] - 1."""
+    import multiprocessing
+    from time import sleep
+
+    from nnunetv2.inference.export_prediction import export_prediction_from_logits
+    from nnunetv2.utilities.file_path_utilities import check_workers_alive_and_busy
+
+    offsets = [sum(block_channels[:b]) for b in range(len(block_channels) + 1)]
+    # each block exported as a dataset of its classes (consecutive, background first, no regions, no ignore)
+    block_json = [{"labels": {"background": 0, **{f"class_{c}": c for c in range(1, count)}},
+                   "file_ending": predictor.dataset_json["file_ending"]} for count in block_channels]
+    with stacked_predictor(predictor, network, offsets[-1]):
+        keys = [str(i) for i in range(len(image_files))]
+        iterator = predictor._internal_get_data_iterator_from_lists_of_filenames(
+            [list(map(os.fspath, files)) for files in image_files], None, keys, max(1, num_processes_preprocessing))
+        with multiprocessing.get_context("spawn").Pool(max(1, num_processes_export)) as pool:
+            workers, pending = list(pool._pool), []
+            for item in iterator:
+                while check_workers_alive_and_busy(pool, workers, pending, allowed_num_queued=2 * len(block_json)):
+                    sleep(0.1)  # as nnU-Net: bounded memory when prediction outpaces export
+                logits = predictor.predict_logits_from_preprocessed_data(item["data"]).cpu().numpy()
+                for block, target in enumerate(output_files[int(item["ofile"])]):
+                    pending.append(pool.apply_async(export_prediction_from_logits, (
+                        logits[offsets[block]:offsets[block + 1]], item["data_properties"],
+                        predictor.configuration_manager, predictor.plans_manager, block_json[block],
+                        os.fspath(target), False)))
+            for result in pending:
+                result.get()
+
+
+def probabilities_resampled_by_interpolation(predictor) -> bool:
+    """Does the model's export resample logits by linear interpolation (nnU-Net's default, order 1; a
+    convex combination, so a logit below another everywhere stays below it)?"""
+    kwargs = predictor.configuration_manager.configuration.get("resampling_fn_probabilities_kwargs") or {}
+    return int(kwargs.get("order", 1)) <= 1 and int(kwargs.get("order_z", 0)) <= 1

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from nnunet_ext import compat
+from nnunet_ext.errors import UserFacingError
 from nnunet_ext.testing.harness import run_stock
 from nnunet_ext.trainers.base import METHOD_STATE_KEY, NNUNET_GRAD_CLIP, nnUNetExtTrainer, short_run_overrides
 
@@ -19,9 +20,10 @@ def test_short_run_overrides_read_the_three_variables():
     assert short_run_overrides({"NNUNET_EXT_NUM_EPOCHS": ""}) == {}
 
 
-@pytest.mark.parametrize("bad", ["0", "-2", "1.5", "ten"])
-def test_bad_short_run_value_names_the_variable_and_the_fix(bad):
-    with pytest.raises(ValueError, match="NNUNET_EXT_ITERS_PER_EPOCH.*unset NNUNET_EXT_ITERS_PER_EPOCH"):
+@pytest.mark.parametrize("bad", ["0", "-2", "1.5", "ten", "$(id)", "1\n2", "1e3"])
+def test_bad_short_run_value_is_a_user_facing_error_naming_the_variable_and_the_fix(bad):
+    """UserFacingError: one line under nnUNetv2_train (tests/test_checkpoint_safety.py runs it)."""
+    with pytest.raises(UserFacingError, match="NNUNET_EXT_ITERS_PER_EPOCH.*unset NNUNET_EXT_ITERS_PER_EPOCH"):
         short_run_overrides({"NNUNET_EXT_ITERS_PER_EPOCH": bad})
 
 

@@ -563,3 +563,198 @@ def test_ctrl_c_mid_predict_leaves_no_output_and_a_rerun_finishes(predict_case, 
     rerun = _predict(model, images, output)
     assert rerun.returncode == 0, rerun.output
     assert sorted(p.name for p in output.iterdir()) == ["c2.nii.gz", "dataset.json"]
+
+
+# ---------------------------------------------------------------------------- predict --task all / A,B
+
+
+def _predict_several(model: Path, images: Path, output: Path, tasks: str = "all", *extra: str):
+    return run_cli(["predict", "--task", tasks, "-i", str(images), "-o", str(output), "-m", str(model),
+                    "-device", "cpu", "-npp", "1", "-nps", "1", *extra])
+
+
+def _single_task_output(output: Path) -> None:
+    output.mkdir()
+    (output / "c2.nii.gz").write_bytes(b"an earlier single-task prediction")
+    (output / "dataset.json").write_text(json.dumps({"labels": BETA_LABELS, "file_ending": ".nii.gz",
+                                                      "nnunet_ext_task": {"task": "Beta"}}))
+
+
+def _task_folder_with(output: Path, task: str, writer) -> None:
+    output.mkdir()
+    writer(output / task)
+
+
+def _no_tasks_section(model: Path) -> None:
+    content = json.loads((model / "dataset.json").read_text())
+    content.pop("tasks")
+    (model / "dataset.json").write_text(json.dumps(content))
+
+
+ALL_TASKS_CASES = {
+    # name: (change(model, images, output), --task value, extra CLI arguments, needles)
+    "unknown_task_in_the_list": (lambda m, i, o: None, "Alpha,Gamma,Delta", [],
+                                 ["Unknown tasks 'Gamma', 'Delta' in --task", "['Alpha', 'Beta']"]),
+    "all_with_names": (lambda m, i, o: None, "all,Alpha", [], ["'all' already means every task"]),
+    "empty_name_in_the_list": (lambda m, i, o: None, "Alpha,,Beta", [], ["empty task name"]),
+    "task_listed_twice": (lambda m, i, o: None, "Beta,Alpha,Beta", [], ["lists 'Beta' more than once"]),
+    "combine_with_one_task": (lambda m, i, o: None, "Beta", ["--combine"], ["--combine merges the label maps of "
+                                                                           "several tasks"]),
+    "model_not_trained_on_a_merged_dataset": (lambda m, i, o: _no_tasks_section(m), "all", [],
+                                              ["not trained on a merged multi-task dataset", "nnUNetv2_predict"]),
+    "case_without_every_tasks_channels": (lambda m, i, o: (i / "c2_0001.nii.gz").unlink(), "all", [],
+                                          ["channel files [0]", "task 'Beta' needs 2 channels"]),
+    "output_with_foreign_content": (lambda m, i, o: _foreign_output(o), "all", [],
+                                    ["not written by 'nnunet-ext predict'", "my_segmentation.nii.gz"]),
+    "output_holding_a_single_task_prediction": (lambda m, i, o: _single_task_output(o), "Alpha,Beta", [],
+                                                ["holds a prediction of the single task 'Beta'",
+                                                 "one subfolder each"]),
+    "task_folder_with_foreign_content": (lambda m, i, o: _task_folder_with(o, "Beta", _foreign_output), "all", [],
+                                         ["Beta", "not written by 'nnunet-ext predict'", "my_segmentation.nii.gz"]),
+    "task_folder_with_another_tasks_predictions": (lambda m, i, o: _task_folder_with(o, "Beta", _other_task_output),
+                                                   "all", [], ["holds predictions of task 'Alpha'"]),
+    "output_is_a_file": (lambda m, i, o: o.write_bytes(b"x"), "all", [], ["exists and is not a folder"]),
+}
+
+
+@pytest.mark.parametrize("case", list(ALL_TASKS_CASES))
+def test_predict_several_tasks_refuses_bad_input_before_writing(predict_case, case: str, monkeypatch) -> None:
+    model, images, output = predict_case
+    change, tasks, extra, needles = ALL_TASKS_CASES[case]
+    change(model, images, output)
+    monkeypatch.setattr("nnunet_ext.compat.predictor", _no_predictor)
+    before = snapshot(model, images, output)
+    outcome = _predict_several(model, images, output, tasks, *extra)
+    assert_refused(outcome, needles, before=before, after=snapshot(model, images, output),
+                   absent=[] if output.exists() else [output], clean=[output.parent])
+    _error_line(outcome, "predict")
+
+
+class _NotConditioned(_FakePredictor):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__()
+        self.network, self.trainer_name = object(), "nnUNetTrainer"
+
+
+def test_predict_several_tasks_refuses_a_model_that_is_not_task_conditioned(predict_case, monkeypatch) -> None:
+    model, images, output = predict_case
+    monkeypatch.setattr("nnunet_ext.compat.predictor", lambda *args, **kwargs: _NotConditioned())
+    before = snapshot(model, images)
+    outcome = _predict_several(model, images, output)
+    assert_refused(outcome, ["is not task-conditioned (trainer nnUNetTrainer)", "nnUNetv2_predict"], before=before,
+                   after=snapshot(model, images), absent=[output], clean=[output.parent])
+    _error_line(outcome, "predict")
+
+
+# merged values of the model fixture: liver 1, kidney 2 (Alpha), spleen 3 (Beta); Alpha: kidney in slices 0-3,
+# Beta: spleen in slices 2-5, so the two tasks overlap in slices 2-3
+_FAKE_MAPS = {0: (slice(0, 4), 2), 1: (slice(2, 6), 3)}
+_ANNOTATED = [[True, True, True, False], [True, True, False, True]]  # Alpha, Beta over merged classes 0-3
+
+
+def _write_fake_map(reference: Path, target: str, rows: slice, value: int) -> None:
+    label = np.zeros(SHAPE, np.uint8)
+    label[rows] = value
+    image = sitk.GetImageFromArray(label)
+    image.CopyInformation(sitk.ReadImage(str(reference)))
+    sitk.WriteImage(image, target, True)
+
+
+def _fake_stacked_outputs(predictor, network, block_channels, image_files, output_files, *args) -> None:
+    """Stands in for nnU-Net's stacked prediction: per case and task, the map of ``_FAKE_MAPS`` in the
+    task's block class indices (what nnU-Net's export of a block writes)."""
+    _FakePredictor.calls.append({"stacked_tasks": network.task_ids, "block_channels": list(block_channels)})
+    for files, outputs in zip(image_files, output_files):
+        for task_id, classes, target in zip(network.task_ids, network.classes, outputs):
+            rows, value = _FAKE_MAPS[task_id]
+            _write_fake_map(files[0], f"{target}.nii.gz", rows, classes.index(value))
+
+
+class _FakeUniversalPredictor(_FakePredictor):
+    def __init__(self, *args, **kwargs) -> None:
+        import torch
+
+        super().__init__()
+        self.network.annotated_classes = torch.tensor(_ANNOTATED)
+
+
+def _use_fake_stacked(monkeypatch) -> None:
+    monkeypatch.setattr("nnunet_ext.compat.predictor", lambda *args, **kwargs: _FakeUniversalPredictor())
+    monkeypatch.setattr("nnunet_ext.compat.predict_stacked_outputs", _fake_stacked_outputs)
+    monkeypatch.setattr("nnunet_ext.compat.probabilities_resampled_by_interpolation", lambda predictor: True)
+
+
+@pytest.fixture
+def fake_stacked(fake_predictor, monkeypatch):
+    _use_fake_stacked(monkeypatch)
+    return fake_predictor
+
+
+def _read(path: Path) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+@pytest.mark.parametrize("order", ["Alpha,Beta", "Beta,Alpha"])
+def test_combine_gives_overlaps_to_the_first_listed_task(predict_case, fake_stacked, order: str) -> None:
+    model, images, output = predict_case
+    outcome = _predict_several(model, images, output, order, "--combine")
+    assert outcome.returncode == 0, outcome.output
+    assert sorted(p.name for p in output.iterdir()) == ["Alpha", "Beta", "combined"]
+    combined = _read(output / "combined" / "c2.nii.gz")
+    assert (combined[:2] == 2).all() and (combined[4:6] == 3).all() and (combined[6:] == 0).all()
+    assert (combined[2:4] == (2 if order == "Alpha,Beta" else 3)).all()  # the overlap: first listed wins
+    alpha, beta = _read(output / "Alpha" / "c2.nii.gz"), _read(output / "Beta" / "c2.nii.gz")
+    assert (alpha[:4] == 2).all() and (alpha[4:] == 0).all()  # Alpha's own kidney value
+    assert (beta[2:6] == 1).all() and (beta[:2] == 0).all()  # Beta's own spleen value
+    written = json.loads((output / "combined" / "dataset.json").read_text())
+    assert written["labels"] == {"background": 0, "liver": 1, "kidney": 2, "spleen": 3}
+    assert written["nnunet_ext_task"]["tasks"] == order.split(",")
+    assert json.loads((output / "Beta" / "dataset.json").read_text())["labels"] == BETA_LABELS
+
+
+def test_several_tasks_equal_single_task_runs_and_rerun_replaces(predict_case, fake_stacked, monkeypatch) -> None:
+    model, images, output = predict_case
+    before = snapshot(images)
+    outcome = _predict_several(model, images, output, "Beta", "--task", "Alpha")  # repeated --task
+    assert outcome.returncode == 0, outcome.output
+    assert {"stacked_tasks": (1, 0), "block_channels": [3, 3]} in fake_stacked.calls  # background + 2 annotated
+    # a single-task run writes the same files and dataset.json (its predictor writes the same merged map)
+    for task_id, task in ((0, "Alpha"), (1, "Beta")):
+        monkeypatch.setattr(_FakePredictor, "predict_from_files", _single_task_writer(task_id))
+        single = output.parent / f"single_{task}"
+        assert _predict(model, images, single, task).returncode == 0
+        assert _checksums(single) == _checksums(output / task)
+    again = _predict_several(model, images, output, "all", "--combine")  # an earlier output: files replaced
+    assert again.returncode == 0, again.output
+    assert sorted(p.name for p in output.iterdir()) == ["Alpha", "Beta", "combined"]
+    assert _checksums(output / "Alpha") == _checksums(output.parent / "single_Alpha")
+    one = _predict(model, images, output, "Alpha")  # one task into the several-task layout: pointed to its folder
+    assert one.returncode == 2 and "holds predictions of several tasks" in one.stderr
+    assert f"-o {output / 'Alpha'}" in one.stderr
+    assert snapshot(images) == before and not temporaries(output.parent)
+
+
+def _single_task_writer(task_id: int):
+    """nnU-Net's predictor of a single-task run, writing the same map in merged values."""
+    def predict_from_files(self, input_folder, output_folder, **kwargs):
+        Path(output_folder).mkdir(parents=True, exist_ok=True)
+        for first in sorted(p for p in Path(input_folder).iterdir() if p.name.endswith("_0000.nii.gz")):
+            _write_fake_map(first, str(Path(output_folder) / first.name.replace("_0000", "")), *_FAKE_MAPS[task_id])
+    return predict_from_files
+
+
+def test_ctrl_c_mid_several_task_predict_leaves_no_output_and_a_rerun_finishes(predict_case, fake_stacked,
+                                                                               monkeypatch) -> None:
+    from nnunet_ext.tasks import predict as predict_module
+
+    model, images, output = predict_case
+    before = snapshot(model, images)
+    monkeypatch.setattr(predict_module, "relabel", _InterruptAfter(predict_module.relabel, 2))
+    outcome = _predict_several(model, images, output, "all", "--combine")
+    assert_refused(outcome, ["Interrupted"], before=before, after=snapshot(model, images), absent=[output],
+                   clean=[output.parent])
+    monkeypatch.undo()
+    _use_fake_stacked(monkeypatch)
+    rerun = _predict_several(model, images, output, "all", "--combine")
+    assert rerun.returncode == 0, rerun.output
+    assert sorted(p.name for p in output.iterdir()) == ["Alpha", "Beta", "combined"]

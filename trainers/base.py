@@ -4,9 +4,14 @@
    ``NNUNET_EXT_VAL_ITERS`` override the schedule a trainer (or its paper) sets. They are applied
    in ``initialize`` (after every subclass constructor has set its schedule, before the learning
    rate schedule is built from ``num_epochs``). Unset, the trainer's own values apply.
-2. Method state in checkpoints: a method trainer returns its extra state (task maps, ramp-up
-   step, ...) from ``method_state`` and restores it in ``load_method_state``; it is saved under
-   the key ``nnunet_ext_state`` of every checkpoint nnU-Net writes and comes back on ``--c``.
+2. Crash-safe checkpoints with the method state inside: a method trainer returns its extra state
+   (task maps, ramp-up step, ...) from ``method_state`` and restores it in ``load_method_state``.
+   ``save_checkpoint`` writes the dict nnU-Net would save plus that state (key ``nnunet_ext_state``)
+   once, atomically (``compat.write_checkpoint``): a job killed at any moment of a save leaves each
+   checkpoint name with its previous or its new complete file. ``load_checkpoint`` (``--c``,
+   ``--val``) checks the file first; an unreadable one is reported and the next intact checkpoint
+   of the folder (final, latest, best) is loaded instead; a checkpoint without method state is
+   reported as such. Temporary files of killed saves are removed in ``initialize``.
 3. One place for the optimiser step: nnU-Net hard-codes gradient-norm clipping at 12 inside
    ``train_step``. A method whose paper clips differently (TransDoDNet 0.1) or not at all (MC-Net+)
    sets ``grad_clip``; ``optimizer_step`` is the backward/scale/clip/step sequence that every
@@ -18,11 +23,12 @@ The constructor is nnUNetTrainer's, unchanged (nnU-Net re-creates trainers from 
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
-from nnunet_ext import compat
-from nnunet_ext.errors import install_excepthook
+from nnunet_ext import atomic_io, compat
+from nnunet_ext.errors import UserFacingError, install_excepthook
 
 nnUNetTrainer = compat.base_trainer_class()
 install_excepthook()  # our trainers' one-line errors stay one line under nnUNetv2_train
@@ -37,7 +43,8 @@ SHORT_RUN_VARIABLES = {
 
 
 def short_run_overrides(environ=os.environ) -> dict[str, int]:
-    """Trainer attribute -> value for each short-run variable that is set; bad values raise."""
+    """Trainer attribute -> value for each short-run variable that is set; a bad value raises
+    UserFacingError (one line under ``nnUNetv2_train``, see ``install_excepthook``)."""
     overrides = {}
     for variable, attribute in SHORT_RUN_VARIABLES.items():
         text = environ.get(variable, "").strip()
@@ -48,8 +55,8 @@ def short_run_overrides(environ=os.environ) -> dict[str, int]:
         except ValueError:
             value = 0
         if value < 1:
-            raise ValueError(f"{variable}={text!r} is not a positive whole number. Set it to e.g. 1, or unset it "
-                             f"(`unset {variable}`) to use the trainer's own schedule.")
+            raise UserFacingError(f"{variable}={text!r} is not a positive whole number. Set it to e.g. 1, or unset "
+                                  f"it (`unset {variable}`) to use the trainer's own schedule.")
         overrides[attribute] = value
     return overrides
 
@@ -65,7 +72,16 @@ class nnUNetExtTrainer(nnUNetTrainer):
             self.print_to_log_file(f"nnunet-ext: {attribute} = {value} (was {getattr(self, attribute)}), "
                                    f"set by the environment")
             setattr(self, attribute, value)
+        if self.local_rank == 0:
+            self.remove_stale_temporaries()
         super().initialize()
+
+    def remove_stale_temporaries(self) -> None:
+        """Remove what killed saves of earlier runs left in the fold and validation folders (only
+        atomic_io's temporary names whose process is gone); logged."""
+        for folder in (self.output_folder, os.path.join(self.output_folder, "validation")):
+            for path in atomic_io.remove_stale_temporaries(folder):
+                self.print_to_log_file(f"nnunet-ext: removed {path}, left by an interrupted save")
 
     def train_step(self, batch: dict) -> dict:
         if self.grad_clip == NNUNET_GRAD_CLIP:
@@ -108,17 +124,60 @@ class nnUNetExtTrainer(nnUNetTrainer):
     def load_method_state(self, state: dict) -> None:
         """Restore what ``method_state`` returned; override in methods."""
 
+    def has_method_state(self) -> bool:
+        """True for trainers that override ``method_state`` (their checkpoints carry ``nnunet_ext_state``)."""
+        return type(self).method_state is not nnUNetExtTrainer.method_state
+
     def save_checkpoint(self, filename: str) -> None:
-        super().save_checkpoint(filename)
-        state = self.method_state()
-        if state and self.local_rank == 0 and not self.disable_checkpointing:
-            checkpoint = dict(compat.read_checkpoint(filename))
-            checkpoint[METHOD_STATE_KEY] = state
-            compat.write_checkpoint(checkpoint, filename)
+        """nnU-Net's checkpoint plus the method state, written once and atomically (nothing on
+        processes other than rank 0 or with checkpointing disabled, as nnU-Net)."""
+        checkpoint = compat.nnunet_checkpoint(self)
+        if checkpoint is None:
+            return
+        if self.has_method_state():
+            checkpoint[METHOD_STATE_KEY] = self.method_state()
+        compat.write_checkpoint(checkpoint, filename)
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
-        super().load_checkpoint(filename_or_checkpoint)
-        checkpoint = filename_or_checkpoint if isinstance(filename_or_checkpoint, dict) \
-            else compat.read_checkpoint(filename_or_checkpoint)
+        """nnU-Net's load of the first intact checkpoint (see ``intact_checkpoint``), then the method state."""
+        if isinstance(filename_or_checkpoint, dict):
+            checkpoint, source = filename_or_checkpoint, "the checkpoint given"
+            super().load_checkpoint(checkpoint)
+        else:
+            source, checkpoint = self.intact_checkpoint(os.fspath(filename_or_checkpoint))
+            super().load_checkpoint(source)
         if METHOD_STATE_KEY in checkpoint:
             self.load_method_state(checkpoint[METHOD_STATE_KEY])
+        elif self.has_method_state():
+            names = ", ".join(self.method_state())
+            self.warn(f"checkpoint {source} holds no nnunet-ext method state (key {METHOD_STATE_KEY!r}; it was "
+                      f"written by another trainer or an older nnunet-ext), so {type(self).__name__}'s method state "
+                      f"({names}) STARTS AGAIN FROM ITS INITIAL VALUE instead of where the training stopped; "
+                      f"weights, optimiser and epoch are restored. Resume from a checkpoint of this trainer to "
+                      f"keep it.")
+
+    def intact_checkpoint(self, filename: str) -> tuple[str, dict]:
+        """(path, checkpoint) of the first loadable file among ``filename`` and the other checkpoints
+        of its folder in nnU-Net's order (final, latest, best). Each unreadable file is reported with
+        a warning; when none is intact, a UserFacingError names them all and the ways out."""
+        folder = os.path.dirname(os.path.abspath(filename))
+        candidates = [filename] + [path for path in (os.path.join(folder, name) for name in compat.CHECKPOINT_NAMES)
+                                   if os.path.isfile(path) and os.path.abspath(path) != os.path.abspath(filename)]
+        problems = []
+        for position, path in enumerate(candidates):
+            try:
+                return path, compat.read_intact_checkpoint(path)
+            except compat.UnreadableCheckpoint as problem:
+                problems.append(f"{path} {problem}")
+                following = candidates[position + 1:]
+                if following:
+                    self.warn(f"checkpoint {path} {problem}; trying {following[0]} instead.")
+        raise UserFacingError(
+            f"no intact checkpoint to load: {'; '.join(problems)}. Restore a copy of one of these files, or delete "
+            f"them to start this fold anew (nnUNetv2_train without --c; everything trained so far is lost).")
+
+    def warn(self, message: str) -> None:
+        """A warning in the training log and on stderr (rank 0 only), for things that must not go unnoticed."""
+        if self.local_rank == 0:
+            self.print_to_log_file(f"nnunet-ext: WARNING: {message}", also_print_to_console=False)
+            print(f"nnunet-ext: WARNING: {message}", file=sys.stderr, flush=True)

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from nnunet_ext import compat
+from nnunet_ext import atomic_io, compat
 from nnunet_ext.losses.partial_label import PartialLabelLoss
 from nnunet_ext.tasks.conditioning import TASK_VARIABLE, TaskConditioning
 from nnunet_ext.tasks.sampling import TASK_WEIGHTING, TaskAwareDataLoader
@@ -253,9 +253,9 @@ class nnUNetUniversalTrainer(nnUNetExtTrainer):
         summary = summarise(per_case)
         compat.save_summary(summary, os.path.join(folder, "summary.json"))
         by_task = {name: summarise(cases) for name, cases in per_task.items()}
-        with open(os.path.join(folder, "summary_per_task.json"), "w") as handle:
-            json.dump({name: {"mean": s["mean"], "foreground_mean": s["foreground_mean"]}
-                       for name, s in by_task.items()}, handle, indent=2)
+        atomic_io.write_json(os.path.join(folder, "summary_per_task.json"),
+                             {name: {"mean": s["mean"], "foreground_mean": s["foreground_mean"]}
+                              for name, s in by_task.items()})
         self.print_to_log_file("Task-aware validation Dice:", json.dumps(
             {name: round(s["foreground_mean"].get("Dice", float("nan")), 4) for name, s in by_task.items()}),
             also_print_to_console=True)

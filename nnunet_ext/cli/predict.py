@@ -3,6 +3,10 @@
 Takes nnUNetv2_predict's flags; the model is found from -d/-tr/-p/-c (or -m MODEL_FOLDER), the
 input images need only the task's own channels, and the labels are written in the task's own
 values (see :mod:`nnunet_ext.tasks.predict`).
+
+``--task all`` (every task) or ``--task A,B`` (also ``--task A --task B``) predicts several tasks in
+one pass, the shared encoder run once per window, into ``-o OUT/<task>/``; ``--combine`` adds
+``OUT/combined/`` in the merged label space (see :mod:`nnunet_ext.tasks.all_tasks`).
 """
 from __future__ import annotations
 
@@ -11,11 +15,20 @@ import argparse
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
-        "predict", help="nnUNetv2_predict for one task of a model trained on a merged (multi-task) dataset",
+        "predict", help="nnUNetv2_predict for one, several or all tasks of a model trained on a merged (multi-task) "
+                        "dataset",
         description="Predicts every case in -i as task --task with nnU-Net's predictor and writes the labels in "
-                    "that task's own (source dataset's) label values. Flags as nnUNetv2_predict.")
-    parser.add_argument("--task", required=True, help="task name (see the model's dataset.json 'tasks')")
-    parser.add_argument("-i", required=True, help="input folder (CASE_XXXX.nii.gz with the task's channels)")
+                    "that task's own (source dataset's) label values. With --task all or --task A,B every listed "
+                    "task is predicted in one pass (the shared encoder runs once per window) into -o OUT/<task>/, "
+                    "the same files a run per task writes. Flags as nnUNetv2_predict.")
+    parser.add_argument("--task", required=True, action="append",
+                        help="task name (see the model's dataset.json 'tasks'); 'all' for every task, or a comma-"
+                             "separated list A,B (or --task A --task B) for several, written to -o OUT/<task>/")
+    parser.add_argument("--combine", action="store_true",
+                        help="with several tasks: also write OUT/combined/, one map in the merged label space; where "
+                             "tasks overlap, the first task in --task order with a foreground label wins")
+    parser.add_argument("-i", required=True, help="input folder (CASE_XXXX.nii.gz with the task's channels; "
+                                                  "with several tasks, channels that every listed task accepts)")
     parser.add_argument("-o", required=True, help="output folder")
     parser.add_argument("-m", default=None, help="[OPTIONAL] trained model folder (instead of -d/-tr/-p/-c)")
     parser.add_argument("-d", default=None, help="dataset name or id of the merged dataset")
@@ -50,11 +63,24 @@ def run(args: argparse.Namespace) -> int:
     else:
         model_folder = args.m
     folds = _folds(args.f)
+    tasks = [name for value in args.task for name in value.split(",")]
+    several = len(tasks) > 1 or tasks == ["all"]
+    if args.combine and not several:
+        raise UserFacingError(f"--combine merges the label maps of several tasks; give --task all or --task "
+                              f"{tasks[0]},OTHER,...")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserFacingError("-device cuda but no CUDA GPU is visible; use -device cpu.")
-    cases = predict_task(model_folder, args.i, args.o, args.task, folds, args.chk, args.step_size,
-                         not args.disable_tta, torch.device(args.device), args.npp, args.nps)
-    print(f"Predicted {len(cases)} case(s) as task {args.task!r} into {args.o} (labels in the task's own values).")
+    options = (folds, args.chk, args.step_size, not args.disable_tta, torch.device(args.device), args.npp, args.nps)
+    if not several:
+        cases = predict_task(model_folder, args.i, args.o, tasks[0], *options)
+        print(f"Predicted {len(cases)} case(s) as task {tasks[0]!r} into {args.o} (labels in the task's own values).")
+        return 0
+    from nnunet_ext.tasks.all_tasks import COMBINED, predict_tasks
+
+    names, cases = predict_tasks(model_folder, args.i, args.o, tasks, args.combine, *options)
+    combined = f"; {COMBINED}/ in the merged label space" if args.combine else ""
+    print(f"Predicted {len(cases)} case(s) as tasks {', '.join(names)} into {args.o}/<task> (labels in each task's "
+          f"own values{combined}).")
     return 0
 
 

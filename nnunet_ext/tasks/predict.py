@@ -22,6 +22,8 @@ its raw outputs are in the merged label space. For one task this module
    earlier prediction of the same task each file is replaced atomically.
 
 The user's input folder is only read. Concurrent runs into one output folder take turns (lock).
+Several tasks in one pass (``--task all`` / ``--task A,B``): :mod:`nnunet_ext.tasks.all_tasks`, which
+writes each task's folder with this module's checks and writers.
 """
 from __future__ import annotations
 
@@ -146,18 +148,21 @@ def model_spatial_dims(model_folder: Path) -> int | None:
     return 2 if image_checks.is_two_d_spacing(spacing) else 3
 
 
-def check_input_cases(cases: dict[str, dict[int, Path]], input_folder: Path, task_map: TaskMap, task_name: str,
-                      dataset_json: dict, spatial_dims: int | None) -> None:
-    """Channel count vs the task, then every file decoded and checked against its case's first channel."""
-    task = task_map.task(task_name)
+def check_input_cases(cases: dict[str, dict[int, Path]], input_folder: Path, task_map: TaskMap,
+                      task_names: str | Sequence[str], dataset_json: dict, spatial_dims: int | None) -> None:
+    """Channel count vs the task (each of several), then every file decoded and checked against its case's
+    first channel (once, whatever the number of tasks)."""
     merged = task_map.max_channels
-    for case, channels in cases.items():
-        count = len(channels)
-        if sorted(channels) != list(range(count)) or count not in (task.num_channels, merged):
-            expected = f"{task.num_channels}" + (f" (or {merged}, already padded)" if merged != task.num_channels else "")
-            raise UserFacingError(
-                f"Case {case!r} in {input_folder} has channel files {sorted(channels)}; task {task_name!r} needs "
-                f"{expected} channels numbered from _0000 ({task.channel_names}). Provide exactly those files.")
+    for task_name in [task_names] if isinstance(task_names, str) else task_names:
+        task = task_map.task(task_name)
+        for case, channels in cases.items():
+            count = len(channels)
+            if sorted(channels) != list(range(count)) or count not in (task.num_channels, merged):
+                expected = f"{task.num_channels}" + (f" (or {merged}, already padded)" if merged != task.num_channels
+                                                     else "")
+                raise UserFacingError(
+                    f"Case {case!r} in {input_folder} has channel files {sorted(channels)}; task {task_name!r} needs "
+                    f"{expected} channels numbered from _0000 ({task.channel_names}). Provide exactly those files.")
     first = next(iter(next(iter(cases.values())).values()))
     reader = image_checks.reader_for(dataset_json, first)
     for case, channels in cases.items():
@@ -181,6 +186,10 @@ def check_output_folder(output_folder: Path, task_name: str) -> bool:
         stored = None
     if not isinstance(stored, dict) or not isinstance(stored.get(OUTPUT_KEY), dict):
         example = sorted(p.name for p in entries)[0]
+        if any(_holds_our_prediction(p) for p in entries):
+            raise UserFacingError(f"Output folder {output_folder} holds predictions of several tasks, one subfolder "
+                                  f"each (e.g. {example!r}); nothing was changed. Predict one task into its "
+                                  f"subfolder (-o {output_folder / example}) or give a new or empty folder with -o.")
         raise UserFacingError(f"Output folder {output_folder} already holds files not written by 'nnunet-ext "
                               f"predict' (e.g. {example!r}); nothing was changed. Give a new or empty folder "
                               f"with -o.")
@@ -190,6 +199,14 @@ def check_output_folder(output_folder: Path, task_name: str) -> bool:
                               f"{task_name!r}; the two label spaces would mix. Nothing was changed. Give another "
                               f"folder with -o.")
     return True
+
+
+def _holds_our_prediction(folder: Path) -> bool:
+    try:
+        stored = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(stored, dict) and isinstance(stored.get(OUTPUT_KEY), dict)
 
 
 # --- writing ------------------------------------------------------------------------------------------
@@ -219,14 +236,23 @@ def prepare_padded_input(cases: dict[str, dict[int, Path]], staging: Path, task_
 def export_to_source_labels(task_map: TaskMap, task_name: str, merged_folder: Path, output_folder: Path,
                             cases: Sequence[str], file_ending: str) -> None:
     """Each merged-space prediction -> the task's own label values, same geometry, written atomically."""
+    relabel(task_map.to_source_lut(task_name), merged_folder, output_folder, cases, file_ending)
+
+
+def relabel(lut: np.ndarray, predicted_folder: Path, output_folder: Path, cases: Sequence[str],
+            file_ending: str) -> None:
+    """Each case's label map in ``predicted_folder`` -> ``lut[value]``, same geometry, written atomically."""
     import SimpleITK as sitk
 
     for case in cases:
-        source = merged_folder / f"{case}{file_ending}"
+        source = predicted_folder / f"{case}{file_ending}"
         if not source.is_file():
-            raise RuntimeError(f"nnU-Net's predictor wrote no {source.name} in {merged_folder}")
+            raise RuntimeError(f"nnU-Net's predictor wrote no {source.name} in {predicted_folder}")
         image = sitk.ReadImage(str(source))
-        values = task_map.to_source(task_name, sitk.GetArrayFromImage(image))
+        predicted = sitk.GetArrayFromImage(image)
+        if predicted.size and (predicted.min() < 0 or predicted.max() >= len(lut)):
+            raise RuntimeError(f"{source} holds values outside 0..{len(lut) - 1}")
+        values = lut[predicted]
         exported = sitk.GetImageFromArray(values.astype(np.uint8 if values.max(initial=0) < 256 else np.uint16))
         exported.CopyInformation(image)
         atomic_io.write_with(output_folder / f"{case}{file_ending}",
@@ -234,7 +260,7 @@ def export_to_source_labels(task_map: TaskMap, task_name: str, merged_folder: Pa
 
 
 @contextlib.contextmanager
-def _output_target(output_folder: Path, earlier: bool) -> Iterator[Path]:
+def output_target(output_folder: Path, earlier: bool) -> Iterator[Path]:
     """Where the exports go: the earlier prediction's folder itself (files replaced one by one, each
     atomically), or a staging folder that becomes ``output_folder`` when everything is written."""
     if earlier:
@@ -246,11 +272,21 @@ def _output_target(output_folder: Path, earlier: bool) -> Iterator[Path]:
             output_folder.rmdir()  # an empty folder made beforehand (checked: only reached when empty)
 
 
-def _output_dataset_json(task_map: TaskMap, task_name: str, file_ending: str, model_folder: Path) -> dict:
+def output_dataset_json(task_map: TaskMap, task_name: str, file_ending: str, model_folder: Path) -> dict:
     task = task_map.task(task_name)
     return {"channel_names": task.channel_names, "labels": task.source_labels, "file_ending": file_ending,
             "numTraining": 0, OUTPUT_KEY: {"task": task_name, "source": task.source,
                                            "model": os.fspath(model_folder)}}
+
+
+def task_conditioned_network(predictor, model_folder: Path):
+    """The initialised predictor's network (without torch.compile's wrapper), or a refusal if the model
+    does not take a task."""
+    network = getattr(predictor.network, "_orig_mod", predictor.network)
+    if not hasattr(network, "set_task"):
+        raise UserFacingError(f"The model in {model_folder} is not task-conditioned (trainer "
+                              f"{predictor.trainer_name}); predict it with nnUNetv2_predict.")
+    return network
 
 
 def predict_task(model_folder: str | os.PathLike, input_folder: str | os.PathLike, output_folder: str | os.PathLike,
@@ -287,16 +323,13 @@ def predict_task(model_folder: str | os.PathLike, input_folder: str | os.PathLik
             case_ids = prepare_padded_input(cases, staging, task_map, file_ending)
             predictor = compat.predictor(step_size, use_mirroring, device)
             predictor.initialize_from_trained_model_folder(os.fspath(model_folder), folds, checkpoint_name=checkpoint)
-            network = getattr(predictor.network, "_orig_mod", predictor.network)
-            if not hasattr(network, "set_task"):
-                raise UserFacingError(f"The model in {model_folder} is not task-conditioned (trainer "
-                                      f"{predictor.trainer_name}); predict it with nnUNetv2_predict.")
+            network = task_conditioned_network(predictor, model_folder)
             network.set_task(task_map.task_id(task_name))
             predictor.predict_from_files(os.fspath(staging), os.fspath(merged), save_probabilities=False,
                                          overwrite=True, num_processes_preprocessing=num_processes_preprocessing,
                                          num_processes_segmentation_export=num_processes_export)
-            with _output_target(output_folder, earlier) as target:
+            with output_target(output_folder, earlier) as target:
                 export_to_source_labels(task_map, task_name, merged, target, case_ids, file_ending)
                 atomic_io.write_json(target / "dataset.json",
-                                     _output_dataset_json(task_map, task_name, file_ending, model_folder))
+                                     output_dataset_json(task_map, task_name, file_ending, model_folder))
     return case_ids

@@ -27,6 +27,8 @@ import os
 from pathlib import Path
 from typing import Mapping
 
+from nnunet_ext import atomic_io
+
 
 def _free_port() -> int:
     import socket
@@ -81,7 +83,7 @@ def _worker(rank: int, world_size: int, port: int, env: dict, trainer: str, data
             if hasattr(nnunet_trainer, name):
                 report[name] = getattr(nnunet_trainer, name)
         nnunet_trainer.perform_actual_validation(False)
-        Path(report_dir, f"rank_{rank}.json").write_text(json.dumps(report))
+        atomic_io.write_json(Path(report_dir, f"rank_{rank}.json"), report, indent=None)
     finally:
         dist.destroy_process_group()
 
