@@ -309,7 +309,7 @@ def predict_tasks(model_folder: str | os.PathLike, input_folder: str | os.PathLi
             atomic_io.remove_stale_temporaries(folder)
         earlier = check_output_folder(output_folder, task_names, task_map, combine)  # again: another run may
         with atomic_io.scratch_folder(output_folder) as scratch:                     # have written it
-            staging, merged = scratch / "input", scratch / "merged"
+            staging = scratch / "input"
             staging.mkdir()
             case_ids = single.prepare_padded_input(cases, staging, task_map, file_ending)
             predictor = compat.predictor(step_size, use_mirroring, device)
