@@ -511,6 +511,9 @@ def test_crash_at_every_write_and_full_resumes(kind, tmp_path):
         shutil.copytree(backup, kind.fold)
 
 
+# the universal run (70-90 s, mostly nnU-Net's final validation) is slow; its save path is the
+# semi-supervised one's, and the default crash sweeps cover both kinds
+@pytest.mark.parametrize("kind", ["semi", pytest.param("universal", marks=pytest.mark.slow)], indirect=True)
 def test_stock_continue_after_a_crash_mid_save_resumes_and_finishes(kind, tmp_path):
     """A job killed while writing checkpoint_final: the old file is intact, a partial temporary lies
     beside it. ``nnUNetv2_train --c`` removes the temporary, resumes with the saved method state and
@@ -694,12 +697,13 @@ def test_checkpoint_without_method_state_is_reported_loudly(semi, tmp_path, capf
         assert text in Path(trainer.log_file).read_text()
 
 
-def test_trainer_without_method_state_loads_nnunet_checkpoints_silently(nnunet_root, tmp_path, capfd, monkeypatch):
-    from nnunet_ext.testing.harness import load_trainer
+def test_trainer_without_method_state_loads_nnunet_checkpoints_silently(semi, tmp_path, capfd):
     from nnunet_ext.trainers.base import nnUNetExtTrainer
 
-    trainer = load_trainer(nnunet_root, nnUNetExtTrainer, monkeypatch, results=tmp_path)
-    trainer.initialize()
+    plain = Kind("plain", semi.root, SEMI_DATASET_ID, nnUNetExtTrainer, tmp_path)
+    trainer = plain.new_trainer(continue_training=False)
+    with plain.environment():
+        trainer.initialize()
     compat.base_trainer_class().save_checkpoint(trainer, str(tmp_path / FINAL))
     trainer.load_checkpoint(str(tmp_path / FINAL))
     assert "WARNING" not in capfd.readouterr().err
