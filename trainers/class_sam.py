@@ -342,12 +342,20 @@ class ClassSAMTrainer(nnUNetExtTrainer):
         if self.cache_settings.enabled:
             self.print_to_log_file(f"nnunet-ext: embedding cache {self.cache_settings.folder}")
 
-    def load_checkpoint(self, filename_or_checkpoint) -> None:
-        checkpoint = filename_or_checkpoint if isinstance(filename_or_checkpoint, dict) \
-            else compat.read_checkpoint(filename_or_checkpoint)
+    def intact_checkpoint(self, filename: str) -> tuple[str, dict]:
+        """The base's choice of an intact checkpoint (fallback included), checked against this run's settings."""
+        path, checkpoint = super().intact_checkpoint(filename)
+        self._refuse_other_settings(checkpoint)
+        return path, checkpoint
+
+    def _refuse_other_settings(self, checkpoint: dict) -> None:
         saved = checkpoint.get(METHOD_STATE_KEY, {}).get("class_sam", {}).get("network")
         if saved is not None and saved != self.network_settings:
             raise ClassSAMError(f"The checkpoint was trained with ClassSAM {saved}; this run builds "
                                 f"{self.network_settings} (is {MODEL_TYPE_VARIABLE} set as for that training?).")
-        super().load_checkpoint(filename_or_checkpoint)
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        if isinstance(filename_or_checkpoint, dict):
+            self._refuse_other_settings(filename_or_checkpoint)
+        super().load_checkpoint(filename_or_checkpoint)  # a path is checked in intact_checkpoint
         self._weights_restored = True
