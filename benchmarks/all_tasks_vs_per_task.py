@@ -10,8 +10,12 @@ TransDoDNet with 7 MOTS-like tasks, organ + nested tumour each), with random wei
 * ``sliding_window``: nnU-Net's ``predict_logits_from_preprocessed_data`` on one preprocessed case with
   the stacked network vs K times with ``set_task`` (network plus nnU-Net's Gaussian-weighted fp16
   accumulation of the logits, which on a CPU costs as much as a small network);
-* ``network``: one forward pass of one window, stacked vs K single-task passes: the compute sharing
-  alone, the ratio large cases approach.
+* ``network``: one forward pass of one window, stacked vs K single-task passes, in seconds and in
+  FLOPs (PyTorch's counter: convolutions and matrix products, independent of other load): the
+  compute sharing alone, the ratio that large cases approach.
+
+Both arms of a timing are measured in alternation, best of ``--repeats`` rounds, so that other load on
+a shared machine hits them alike; the command arms run once.
 
 The model folders are real (the trainer named in the checkpoint builds the network from the plans):
 plans come from nnU-Net planning a synthetic 4-channel dataset of ``--shape`` voxels (so the patch,
@@ -90,21 +94,29 @@ def input_folder(raw_dataset: Path, target: Path, channels: int) -> Path:
     return target
 
 
-def timed(function, repeats: int = 1) -> float:
-    """Best of ``repeats`` wall times (the least disturbed by other load on a shared machine)."""
-    best = float("inf")
+def timed(function) -> float:
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
+
+
+def interleaved(all_tasks, per_task: list, repeats: int) -> tuple[float, float]:
+    """(all tasks, sum over tasks) seconds: best of ``repeats`` rounds, each round timing both arms, so
+    that load from other processes on a shared machine hits both alike."""
+    best_all, best_each = float("inf"), [float("inf")] * len(per_task)
     for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        best = min(best, time.perf_counter() - start)
-    return best
+        best_all = min(best_all, timed(all_tasks))
+        best_each = [min(best, timed(function)) for best, function in zip(best_each, per_task)]
+    return best_all, sum(best_each)
 
 
-def sliding_window_times(folder: Path, images: Path, task_ids: list[int], tta: bool, device,
-                         repeats: int) -> dict[str, float]:
-    """Seconds, all tasks stacked vs the sum over tasks: nnU-Net's logits for the first case
-    (``sliding_window_*``) and one forward pass of one window (``network_*``)."""
+def window_measures(folder: Path, images: Path, task_ids: list[int], tta: bool, device,
+                    repeats: int) -> dict[str, float]:
+    """All tasks stacked vs the sum over tasks: seconds of nnU-Net's logits for the first case
+    (``sliding_window_*``), seconds and FLOPs (PyTorch's counter) of one forward pass of one window
+    (``network_*``)."""
     import torch
+    from torch.utils.flop_counter import FlopCounterMode
 
     from nnunet_ext import compat
     from nnunet_ext.tasks.all_tasks import AllTasksNetwork
@@ -121,25 +133,36 @@ def sliding_window_times(folder: Path, images: Path, task_ids: list[int], tta: b
                                        predictor.dataset_json)
     data = torch.from_numpy(data).float()
     network = task_conditioned_network(predictor, folder)
-    network.set_task(task_ids[0])
-    predictor.predict_logits_from_preprocessed_data(data)  # warm-up
     stacked_network = AllTasksNetwork(network, task_ids)
-    with compat.stacked_predictor(predictor, stacked_network, sum(stacked_network.block_channels)):
-        stacked = timed(lambda: predictor.predict_logits_from_preprocessed_data(data), repeats)
-    per_task = 0.0
-    for task in task_ids:
+
+    def stacked_logits():
+        with compat.stacked_predictor(predictor, stacked_network, sum(stacked_network.block_channels)):
+            predictor.predict_logits_from_preprocessed_data(data)
+
+    def single_logits(task):
         network.set_task(task)
-        per_task += timed(lambda: predictor.predict_logits_from_preprocessed_data(data), repeats)
+        predictor.predict_logits_from_preprocessed_data(data)
+
+    single_logits(task_ids[0])  # warm-up
+    window_all, window_each = interleaved(stacked_logits, [lambda t=t: single_logits(t) for t in task_ids], repeats)
     window = torch.randn(1, data.shape[0], *predictor.configuration_manager.patch_size, device=device)
+
+    def single_forward(task):
+        network.set_task(task)
+        network(window)
+
     with torch.inference_mode():
         stacked_network(window)  # warm-up
-        network_all = timed(lambda: stacked_network(window), repeats)
-        network_each = 0.0
-        for task in task_ids:
-            network.set_task(task)
-            network_each += timed(lambda: network(window), repeats)
-    return {"sliding_window_all_s": stacked, "sliding_window_per_task_s": per_task,
-            "network_all_s": network_all, "network_per_task_s": network_each}
+        network_all, network_each = interleaved(lambda: stacked_network(window),
+                                                [lambda t=t: single_forward(t) for t in task_ids], repeats)
+        flops = []
+        for function in [lambda: stacked_network(window)] + [lambda t=t: single_forward(t) for t in task_ids]:
+            with FlopCounterMode(display=False) as counter:
+                function()
+            flops.append(counter.get_total_flops())
+    return {"sliding_window_all_s": window_all, "sliding_window_per_task_s": window_each,
+            "network_all_s": network_all, "network_per_task_s": network_each,
+            "network_all_gflop": flops[0] / 1e9, "network_per_task_gflop": sum(flops[1:]) / 1e9}
 
 
 def run(name: str, root: Path, plans: dict, raw_dataset: Path, args, device) -> dict:
@@ -153,7 +176,7 @@ def run(name: str, root: Path, plans: dict, raw_dataset: Path, args, device) -> 
     names = list(TaskMap.from_dataset_json(folder / "dataset.json").names)
     options = dict(folds=(0,), use_mirroring=args.tta, device=device, num_processes_preprocessing=1,
                    num_processes_export=1)
-    windows = sliding_window_times(folder, images, list(range(len(names))), args.tta, device, args.repeats)
+    windows = window_measures(folder, images, list(range(len(names))), args.tta, device, args.repeats)
     command_all = timed(lambda: predict_tasks(folder, images, root / name / "all", ["all"], **options))
     command_each = sum(timed(lambda: predict_task(folder, images, root / name / "each" / task, task, **options))
                        for task in names)
@@ -165,7 +188,8 @@ def run(name: str, root: Path, plans: dict, raw_dataset: Path, args, device) -> 
             "command_ratio": round(command_each / command_all, 2),
             **{key: round(value, 2) for key, value in windows.items()},
             "sliding_window_ratio": round(windows["sliding_window_per_task_s"] / windows["sliding_window_all_s"], 2),
-            "network_ratio": round(windows["network_per_task_s"] / windows["network_all_s"], 2)}
+            "network_ratio": round(windows["network_per_task_s"] / windows["network_all_s"], 2),
+            "flop_ratio": round(windows["network_per_task_gflop"] / windows["network_all_gflop"], 2)}
 
 
 def main() -> None:
@@ -174,7 +198,7 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=1, help="cases to predict")
     parser.add_argument("--tta", action="store_true", help="mirroring (nnU-Net's default; 8x the compute)")
     parser.add_argument("--repeats", type=int, default=3,
-                        help="sliding-window and network timings: best of this many (commands run once)")
+                        help="sliding-window and network timings: best of this many rounds (commands run once)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--networks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--json", default=None, help="also write the results here")
@@ -208,13 +232,14 @@ def main() -> None:
           f"{'x'.join(map(str, patch))}, {args.cases} case(s), mirroring {'on' if args.tta else 'off'}, torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads)\n")
     print("| network | K | command: all / K runs (s) | ratio | sliding window: all / K (s) | ratio | "
-          "one window's forward: all / K (s) | ratio |")
-    print("|---|---|---|---|---|---|---|---|")
+          "one window's forward: all / K (s) | ratio | GFLOP: all / K | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['network']} | {r['K']} | {r['command_all_s']} / {r['command_per_task_s']} | "
               f"{r['command_ratio']}x | {r['sliding_window_all_s']} / {r['sliding_window_per_task_s']} | "
               f"{r['sliding_window_ratio']}x | {r['network_all_s']} / {r['network_per_task_s']} | "
-              f"{r['network_ratio']}x |")
+              f"{r['network_ratio']}x | {r['network_all_gflop']} / {r['network_per_task_gflop']} | "
+              f"{r['flop_ratio']}x |")
     summary = {"device": args.device, "shape": args.shape, "patch": patch, "cases": args.cases, "tta": args.tta,
                "results": results}
     print(json.dumps(summary))
