@@ -110,13 +110,34 @@ def interleaved(all_tasks, per_task: list, repeats: int) -> tuple[float, float]:
     return best_all, sum(best_each)
 
 
+def flop_counter_class():
+    """A FLOP counter with PyTorch's formulas (convolutions, matrix products); unlike ``FlopCounterMode`` it
+    tracks no modules, which fails on TransDoDNet's attention."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import flop_registry
+
+    class FlopCounter(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            formula = flop_registry.get(func._overloadpacket)
+            if formula is not None:
+                self.total += formula(*args, **kwargs, out_val=out)
+            return out
+
+    return FlopCounter
+
+
 def window_measures(folder: Path, images: Path, task_ids: list[int], tta: bool, device,
                     repeats: int) -> dict[str, float]:
     """All tasks stacked vs the sum over tasks: seconds of nnU-Net's logits for the first case
     (``sliding_window_*``), seconds and FLOPs (PyTorch's counter) of one forward pass of one window
     (``network_*``)."""
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
     from nnunet_ext import compat
     from nnunet_ext.tasks.all_tasks import AllTasksNetwork
@@ -134,6 +155,7 @@ def window_measures(folder: Path, images: Path, task_ids: list[int], tta: bool, 
     data = torch.from_numpy(data).float()
     network = task_conditioned_network(predictor, folder)
     stacked_network = AllTasksNetwork(network, task_ids)
+    FlopCounter = flop_counter_class()
 
     def stacked_logits():
         with compat.stacked_predictor(predictor, stacked_network, sum(stacked_network.block_channels)):
@@ -155,11 +177,12 @@ def window_measures(folder: Path, images: Path, task_ids: list[int], tta: bool, 
         stacked_network(window)  # warm-up
         network_all, network_each = interleaved(lambda: stacked_network(window),
                                                 [lambda t=t: single_forward(t) for t in task_ids], repeats)
-        flops = []
+    flops = []
+    with torch.no_grad():  # (under inference_mode composite ops such as conv3d reach the counter undecomposed)
         for function in [lambda: stacked_network(window)] + [lambda t=t: single_forward(t) for t in task_ids]:
-            with FlopCounterMode(display=False) as counter:
+            with FlopCounter() as counter:
                 function()
-            flops.append(counter.get_total_flops())
+            flops.append(counter.total)
     return {"sliding_window_all_s": window_all, "sliding_window_per_task_s": window_each,
             "network_all_s": network_all, "network_per_task_s": network_each,
             "network_all_gflop": flops[0] / 1e9, "network_per_task_gflop": sum(flops[1:]) / 1e9}
