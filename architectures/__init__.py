@@ -4,9 +4,13 @@
 paper's configuration (input channels, classes, patch size as in the paper), in our default
 conventions or in the official implementation's (``"official"``: the choices that let the
 official weights load; the same network where ours already is the official one). Tests and
-``benchmarks/params.py`` are parametrised over it, so a registered network is tested for
-shapes, gradients and parameter count without new test code. Builders are imported on demand:
-importing this package does not import any network module.
+``benchmarks/params.py`` are parametrised over it: every registered network, in both
+conventions, is checked for its exact parameter count (``tests/test_conventions.py``) and, on a
+small variant of the same class with the same convention keywords
+(``nnunet_ext.testing.networks``), for output shapes and a finite gradient reaching every
+trainable parameter (``tests/test_registry.py``) and for ``torch.compile`` (``tests/test_compile.py``).
+A new network needs its registry entry and one small-variant line. Builders are imported on
+demand: importing this package does not import any network module.
 """
 from __future__ import annotations
 

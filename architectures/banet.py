@@ -18,8 +18,9 @@ branches) on nnU-Net v2's building blocks:
 Outputs: with deep supervision, one flat list ``[seg_0, ..., seg_{n-1}, bdr_0, ..., bdr_{n-1}]``
 (full resolution first in each half; :class:`nnunet_ext.losses.boundary.BoundaryAwareLoss`
 splits it). A flat list of tensors keeps nnU-Net's validation step (``output[0]``) and
-``torch.compile`` working without state on the module. Without deep supervision (what nnU-Net's
-predictor builds) only the full-resolution segmentation logits are returned.
+``torch.compile`` working without state on the module (no graph break; ``tests/test_compile.py``).
+Without deep supervision (what nnU-Net's predictor builds) only the full-resolution segmentation
+logits are returned.
 
 ``conventions`` (constructor keyword, settable in the plans' ``arch_kwargs``):
 

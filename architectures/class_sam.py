@@ -3,7 +3,10 @@
 Yue et al., "SurgicalSAM: Efficient Class Promptable Surgical Instrument Segmentation", AAAI 2024;
 official code github.com/wenxi-yue/SurgicalSAM (``surgicalSAM/model.py``, ``model_forward.py``,
 ``train.py``). SAM itself (image encoder, mask decoder, positional encoding) is built from the
-``segment_anything`` package's own modules; only the class prompt encoder is written here.
+``segment_anything`` package's own modules; only the class prompt encoder is written here. That package
+is the optional ``sam`` extra (``pip install "nnunet-ext[sam]"``): it is imported when a SAM network
+is built (:func:`segment_anything_modeling`), not when this module is imported, and a missing one is
+a one-line :class:`~nnunet_ext.errors.UserFacingError` naming the extra.
 
 Network (``forward(x)``: nnU-Net's 2d patch ``(B, C, H, W)`` -> logits ``(B, 1 + K, H, W)``)
 ------------------------------------------------------------------------------------------
@@ -51,6 +54,23 @@ there). :func:`paper_class_sam` (vit_h, 7 classes, 2 tokens): 4,518,114 trainabl
 No deep supervision: one output. ``decoder`` is the mask decoder, so nnU-Net's
 ``network.decoder.deep_supervision = x`` works; the flag changes nothing.
 
+Conventions (``conventions``, settable in the plans' ``nnunet_ext_class_sam``): the network after
+step 1 is SurgicalSAM's (decoder and prompt path equal to the official code); step 1 is ours by
+default. ``conventions="official"`` replaces it by SurgicalSAM's own preprocessing
+(``tools/data_preprocess.py``: ``SamPredictor.set_image`` on the RGB frame): the input channels are
+nnU-Net's ``rgb_to_0_1`` normalisation of the RGB frame (``x / 255``), turned back into the uint8
+frame (``round(255 x)``), resized by SAM's own ``ResizeLongestSide`` (PIL's antialiased bilinear
+resize of the uint8 image, rounded to uint8, on the CPU) and only then normalised and padded. The
+default differs twice: its intensities are the fixed z-score map above (SAM then sees a
+contrast-changed frame), and its resize is a float resize (up to one grey level from PIL's uint8
+result on the same frame). The official convention gives SAM exactly the official input, but
+needs the ``rgb_to_0_1`` channel normalisation (dataset.json ``channel_names``), not z-scores; the
+default works on any channels. The official weights (:meth:`ClassSAM.official_key_map`):
+SurgicalSAM's ``model_ckp.pth`` (``prototype_prompt_encoder_state_dict``,
+``sam_decoder_state_dict``, ``prototypes_state_dict``, flattened with those names as prefixes) plus
+the SAM checkpoint's ``image_encoder.*`` and ``prompt_encoder.pe_layer.*``, which SurgicalSAM keeps
+frozen and does not save.
+
 Weights: the constructor initialises randomly (no download, no checkpoint needed);
 :func:`load_sam_checkpoint` loads an official SAM checkpoint (``sam_vit_h_4b8939.pth``, ...) with
 ``torch.load(..., weights_only=True)``: image encoder, mask decoder, the positional encoding and
@@ -62,15 +82,31 @@ import os
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 import torch.nn.functional as F
-from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
-from segment_anything.modeling.prompt_encoder import PositionEmbeddingRandom
 from torch import nn
 
+from nnunet_ext.architectures.blocks.nnunet_v1 import OfficialNames, OfficialStateDict, check_conventions
 from nnunet_ext.errors import UserFacingError
+
+if TYPE_CHECKING:
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, Sam
+
+SAM_EXTRA_MISSING = 'ClassSAMTrainer needs segment-anything: pip install "nnunet-ext[sam]"'
+
+
+def segment_anything_modeling():
+    """``segment_anything.modeling`` (the ``sam`` extra), imported on first use; a one-line
+    UserFacingError naming the extra when the package is not installed."""
+    try:
+        from segment_anything import modeling
+    except ModuleNotFoundError as error:
+        if (error.name or "").split(".")[0] != "segment_anything":
+            raise  # installed, but one of its own imports fails: show that
+        raise UserFacingError(SAM_EXTRA_MISSING) from None
+    return modeling
 
 
 
@@ -136,30 +172,35 @@ def default_channel_indices(input_channels: int) -> tuple[int, int, int]:
 
 def sam_image_encoder(spec: SamSpec) -> ImageEncoderViT:
     """segment_anything's image encoder at ``spec`` (random weights)."""
-    return ImageEncoderViT(depth=spec.encoder_depth, embed_dim=spec.encoder_embed_dim, img_size=spec.image_size,
-                           mlp_ratio=4, norm_layer=partial(nn.LayerNorm, eps=1e-6), num_heads=spec.encoder_num_heads,
-                           patch_size=spec.patch_size, qkv_bias=True, use_rel_pos=True,
-                           global_attn_indexes=spec.encoder_global_attn_indexes, window_size=spec.window_size,
-                           out_chans=spec.prompt_embed_dim)
+    return segment_anything_modeling().ImageEncoderViT(
+        depth=spec.encoder_depth, embed_dim=spec.encoder_embed_dim, img_size=spec.image_size,
+        mlp_ratio=4, norm_layer=partial(nn.LayerNorm, eps=1e-6), num_heads=spec.encoder_num_heads,
+        patch_size=spec.patch_size, qkv_bias=True, use_rel_pos=True,
+        global_attn_indexes=spec.encoder_global_attn_indexes, window_size=spec.window_size,
+        out_chans=spec.prompt_embed_dim)
 
 
 def sam_mask_decoder(spec: SamSpec) -> MaskDecoder:
     """segment_anything's mask decoder at ``spec`` (random weights)."""
-    transformer = TwoWayTransformer(depth=spec.decoder_depth, embedding_dim=spec.prompt_embed_dim,
-                                    mlp_dim=spec.decoder_mlp_dim, num_heads=spec.decoder_num_heads)
-    return MaskDecoder(num_multimask_outputs=3, transformer=transformer, transformer_dim=spec.prompt_embed_dim,
-                       iou_head_depth=3, iou_head_hidden_dim=spec.iou_head_hidden_dim)
+    modeling = segment_anything_modeling()
+    transformer = modeling.TwoWayTransformer(depth=spec.decoder_depth, embedding_dim=spec.prompt_embed_dim,
+                                             mlp_dim=spec.decoder_mlp_dim, num_heads=spec.decoder_num_heads)
+    return modeling.MaskDecoder(num_multimask_outputs=3, transformer=transformer,
+                                transformer_dim=spec.prompt_embed_dim, iou_head_depth=3,
+                                iou_head_hidden_dim=spec.iou_head_hidden_dim)
 
 
 def build_sam(model_type: str) -> Sam:
     """segment_anything's whole ``Sam`` at ``SAM_SPECS[model_type]``, randomly initialised: the layout
     of an official checkpoint (tests and benchmarks write their own checkpoints with it)."""
-    spec = sam_spec(model_type)
+    spec, modeling = sam_spec(model_type), segment_anything_modeling()
     size, embedding = spec.image_size, spec.embedding_size
-    prompt_encoder = PromptEncoder(embed_dim=spec.prompt_embed_dim, image_embedding_size=(embedding, embedding),
-                                   input_image_size=(size, size), mask_in_chans=16)
-    return Sam(image_encoder=sam_image_encoder(spec), prompt_encoder=prompt_encoder,
-               mask_decoder=sam_mask_decoder(spec), pixel_mean=list(SAM_PIXEL_MEAN), pixel_std=list(SAM_PIXEL_STD))
+    prompt_encoder = modeling.PromptEncoder(embed_dim=spec.prompt_embed_dim,
+                                            image_embedding_size=(embedding, embedding),
+                                            input_image_size=(size, size), mask_in_chans=16)
+    return modeling.Sam(image_encoder=sam_image_encoder(spec), prompt_encoder=prompt_encoder,
+                        mask_decoder=sam_mask_decoder(spec), pixel_mean=list(SAM_PIXEL_MEAN),
+                        pixel_std=list(SAM_PIXEL_STD))
 
 
 class ClassPromptEncoder(nn.Module):
@@ -203,22 +244,24 @@ class ClassPromptEncoder(nn.Module):
         return dense.view(batch, classes, dim, height, width), sparse
 
 
-class ClassSAM(nn.Module):
+class ClassSAM(OfficialStateDict, nn.Module):
     """SAM with class prompts: nnU-Net 2d patches in, one background + one logit map per class out.
 
     Keyword arguments (all JSON, so plans can hold them): ``sam_model_type`` (vit_b, vit_l,
     vit_h, or tiny for tests), ``num_tokens`` (sparse tokens per class; official 2 for EndoVis2018,
     4 for EndoVis2017), ``hidden_dim_dense``/``hidden_dim_sparse`` (official 128),
     ``channel_indices`` (input channel for each of SAM's 3; default ``i % C``),
-    ``intensity_range`` (z-scores mapped to [0, 255] over +-this). ``num_classes`` counts the
-    background, as nnU-Net's ``num_segmentation_heads``.
+    ``intensity_range`` (z-scores mapped to [0, 255] over +-this), ``conventions`` (``"default"``, or
+    ``"official"``: SurgicalSAM's preprocessing of ``rgb_to_0_1`` channels, module docstring).
+    ``num_classes`` counts the background, as nnU-Net's ``num_segmentation_heads``.
     """
 
     def __init__(self, input_channels: int, num_classes: int, sam_model_type: str = "vit_h", num_tokens: int = 2,
                  hidden_dim_dense: int = 128, hidden_dim_sparse: int = 128,
                  channel_indices: Sequence[int] | None = None, intensity_range: float = 3.0,
-                 deep_supervision: bool = False):
+                 deep_supervision: bool = False, conventions: str = "default"):
         super().__init__()
+        self.conventions = check_conventions(conventions)
         if num_classes < 2:
             raise ClassSAMInputError(f"ClassSAM needs background + at least one class, got num_classes={num_classes}; "
                                      f"dataset.json's 'labels' must list at least one foreground label.")
@@ -231,7 +274,8 @@ class ClassSAM(nn.Module):
         self.channel_indices, self.intensity_range = channels, float(intensity_range)
         spec, dim = self.spec, self.spec.prompt_embed_dim
         self.image_encoder = sam_image_encoder(spec).requires_grad_(False)
-        self.pe_layer = PositionEmbeddingRandom(dim // 2)  # SAM's prompt encoder's, loaded from the checkpoint
+        # SAM's prompt encoder's positional encoding, loaded from the checkpoint
+        self.pe_layer = segment_anything_modeling().prompt_encoder.PositionEmbeddingRandom(dim // 2)
         self.prompt_encoder = ClassPromptEncoder(num_classes - 1, dim, spec.embedding_size, num_tokens,
                                                  hidden_dim_dense, hidden_dim_sparse)
         self.mask_decoder = sam_mask_decoder(spec)
@@ -257,6 +301,8 @@ class ClassSAM(nn.Module):
                 f"of shape {tuple(x.shape)}. Train and predict with nnU-Net's 2d configuration on data with the "
                 f"channels of the dataset it was built for.")
         size = self.spec.image_size
+        if self.conventions == "official":
+            return self.official_sam_input(x)
         r = self.intensity_range
         pixels = (x[:, list(self.channel_indices)].float().clamp(-r, r) + r) * (255.0 / (2 * r))
         image = (pixels - self.pixel_mean) / self.pixel_std
@@ -264,6 +310,21 @@ class ClassSAM(nn.Module):
         if frame != tuple(x.shape[-2:]):
             shrinking = frame[0] < x.shape[-2] or frame[1] < x.shape[-1]
             image = F.interpolate(image, size=frame, mode="bilinear", align_corners=False, antialias=shrinking)
+        return F.pad(image, (0, size - frame[1], 0, size - frame[0])), frame
+
+    def official_sam_input(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """SurgicalSAM's ``SamPredictor.set_image``: ``rgb_to_0_1`` channels -> the uint8 frame -> SAM's
+        ``ResizeLongestSide`` (PIL, uint8) -> SAM's normalisation and padding."""
+        from segment_anything.utils.transforms import ResizeLongestSide
+
+        size = self.spec.image_size
+        pixels = (x[:, list(self.channel_indices)].float() * 255).round().clamp(0, 255).to(torch.uint8)
+        frame = sam_frame(x.shape[-2], x.shape[-1], size)
+        if frame != tuple(x.shape[-2:]):
+            resize = ResizeLongestSide(size)
+            frames = [torch.from_numpy(resize.apply_image(image)) for image in pixels.permute(0, 2, 3, 1).cpu().numpy()]
+            pixels = torch.stack(frames).permute(0, 3, 1, 2).contiguous().to(x.device)  # SAM's layout: same numbers
+        image = (pixels.float() - self.pixel_mean) / self.pixel_std
         return F.pad(image, (0, size - frame[1], 0, size - frame[0])), frame
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -317,6 +378,21 @@ class ClassSAM(nn.Module):
         logits = self.decode(image_embeddings, output_size)
         return (logits, image_embeddings, self.prototypes) if return_embeddings else logits
 
+    # --- official weights (module docstring) -------------------------------------------------------
+    def _official_names(self) -> OfficialNames:
+        """SurgicalSAM's ``model_ckp.pth`` names (each state dict's key as prefix) and the SAM checkpoint's."""
+        names, prompts = OfficialNames(), self.prompt_encoder
+        names.tree(self.image_encoder, "image_encoder")
+        names.add(self.pe_layer, "prompt_encoder.pe_layer")
+        names.add(prompts.prototypes, "prototypes_state_dict.class_embeddings")
+        encoder = "prototype_prompt_encoder_state_dict"
+        for module, official in ((prompts.dense[0], "dense_fc_1"), (prompts.dense[2], "dense_fc_2"),
+                                 (prompts.sparse[0], "sparse_fc_1"), (prompts.sparse[2], "sparse_fc_2"),
+                                 (prompts.negative, "pn_cls_embeddings.0"), (prompts.positive, "pn_cls_embeddings.1")):
+            names.add(module, f"{encoder}.{official}")
+        names.tree(self.mask_decoder, "sam_decoder_state_dict")
+        return names
+
     # --- bookkeeping ------------------------------------------------------------------------------
     def parameter_counts(self) -> dict[str, int]:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -324,10 +400,10 @@ class ClassSAM(nn.Module):
         return {"trainable": trainable, "frozen": total - trainable, "total": total}
 
 
-def paper_class_sam() -> ClassSAM:
+def paper_class_sam(conventions: str = "default") -> ClassSAM:
     """SurgicalSAM's configuration: vit_h image encoder, 7 instrument classes (+ background), 2 tokens
     (EndoVis2018), RGB input. Random weights: no checkpoint is needed to build it."""
-    return ClassSAM(input_channels=3, num_classes=8, sam_model_type="vit_h", num_tokens=2)
+    return ClassSAM(input_channels=3, num_classes=8, sam_model_type="vit_h", num_tokens=2, conventions=conventions)
 
 
 # --- SAM checkpoints --------------------------------------------------------------------------------

@@ -81,6 +81,12 @@ Where this differs from the official code
   official trainer did not (it only re-applied ``InitWeights_He`` when Dice was 0 at epoch 100).
 * Mixed precision: the deformable sampling runs in float32 inside autocast (block docstring).
 
+torch.compile
+-------------
+No graph break (``torch._dynamo.explain``, training and eval mode; ``tests/test_compile.py``): the
+transformer keeps the level shapes as Python ints and tests no padding mask in Python (before,
+14 breaks). Compiled training steps equal eager ones within float tolerance.
+
 Official weights
 ----------------
 ``official_key_map()`` / ``from_official_state_dict(sd)`` / ``official_state_dict()`` rename
@@ -95,13 +101,15 @@ from __future__ import annotations
 from typing import Sequence, Union
 
 import numpy as np
-import torch
 import torch.nn.functional as F
 from dynamic_network_architectures.initialization.weight_init import InitWeights_He
 from torch import Tensor, nn
 
 from nnunet_ext.architectures.blocks.deformable_attention import AXIS_ORDERS, DeformableEncoder
 from nnunet_ext.architectures.blocks.nnunet_v1 import OfficialNames, OfficialStateDict
+from nnunet_ext.architectures.blocks.topology import (cumulative_strides, divisibility_problem, stage_sizes,
+                                                      strided_stages, total_stride)
+from nnunet_ext.architectures.blocks.ws_conv import WSConv3d
 
 NORMS: tuple[str, ...] = ("instance", "batch", "syncbatch", "group")
 ACTIVATIONS: tuple[str, ...] = ("leakyrelu", "relu")
@@ -112,32 +120,15 @@ IntTriple = tuple[int, int, int]
 # ---------------------------------------------------------------------------------------------
 # layers
 # ---------------------------------------------------------------------------------------------
-class WSConv3d(nn.Conv3d):
-    """Conv3d with weight standardisation (official ``Conv3d_wd``).
-
-    Each output filter is centred and divided by its standard deviation (unbiased variance, as
-    ``torch.var``, + 1e-12 inside the root) before the convolution. Computed in float32 (or
-    float64) whatever the parameter dtype; autocast casts the result for the convolution.
-    """
-
-    def standardized_weight(self) -> Tensor:
-        weight = self.weight
-        w = weight.to(torch.promote_types(weight.dtype, torch.float32))
-        w = w - w.mean(dim=(1, 2, 3, 4), keepdim=True)
-        std = torch.sqrt(w.flatten(1).var(dim=1) + 1e-12).view(-1, 1, 1, 1, 1)
-        return (w / std).to(weight.dtype)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.conv3d(x, self.standardized_weight(), self.bias, self.stride, self.padding,
-                        self.dilation, self.groups)
-
-
 def _conv(in_channels: int, out_channels: int, kernel_size: int, stride: Sequence[int] = (1, 1, 1),
           weight_std: bool = False) -> nn.Conv3d:
-    """Bias-free 'same' conv (padding kernel//2), weight-standardised if asked (as official)."""
-    cls = WSConv3d if weight_std else nn.Conv3d
-    return cls(in_channels, out_channels, kernel_size, stride=tuple(stride), padding=kernel_size // 2,
-               bias=False)
+    """Bias-free 'same' conv (padding kernel//2), weight-standardised if asked (as official; the
+    statistics in float32, which keeps fp16/bf16 weights precise)."""
+    if weight_std:
+        return WSConv3d(in_channels, out_channels, kernel_size, stride=tuple(stride), padding=kernel_size // 2,
+                        bias=False, float32_statistics=True)
+    return nn.Conv3d(in_channels, out_channels, kernel_size, stride=tuple(stride), padding=kernel_size // 2,
+                     bias=False)
 
 
 def _norm(kind: str, channels: int, groups: int) -> nn.Module:
@@ -301,9 +292,7 @@ class CoTrDecoder(nn.Module):
 
     def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> int:
         n_layers = len(self.features) - 1
-        sizes = [list(input_size)]
-        for stride in self.strides:
-            sizes.append([i // s for i, s in zip(sizes[-1], stride)])
+        sizes = stage_sizes(input_size, self.strides)
         total = 0
         for k, stage in zip(reversed(range(n_layers)), self.stages):
             size = sizes[k + 1]  # resolution of encoder level k (sizes[0] is the input)
@@ -321,13 +310,31 @@ class CoTrDecoder(nn.Module):
 # ---------------------------------------------------------------------------------------------
 def deep_supervision_scales_for_strides(strides: Sequence[Sequence[int]]) -> list[list[float]]:
     """Scales of CoTr's outputs ``[result, ds_0, ...]`` for these strides, without building the network
-    (trainers need them for target downsampling before the network exists)."""
-    scales = [[1.0, 1.0, 1.0]]
-    cumulative = np.ones(3, dtype=np.int64)
-    for stride in list(strides)[:-1]:
-        cumulative = cumulative * np.asarray(stride, dtype=np.int64)
-        scales.append([1.0 / float(c) for c in cumulative])
-    return scales
+    (trainers need them for target downsampling before the network exists): full resolution, then
+    ``1 / cumulative stride`` after the stem and every residual layer but the last."""
+    return [[1.0, 1.0, 1.0]] + [[1.0 / float(c) for c in cumulative] for cumulative in cumulative_strides(strides[:-1])]
+
+
+PAPER_STRIDED_STAGES = 4  # stem + three residual layers
+
+
+def strides_from_plans(pool_op_kernel_sizes: Sequence[Sequence[int]],
+                       n_stages: int = PAPER_STRIDED_STAGES) -> list[list[int]]:
+    """CoTr's per-stage strides from an nnU-Net 3D plan's pooling
+    (:func:`~nnunet_ext.architectures.blocks.topology.strided_stages`).
+
+    nnU-Net's list starts with the first stage's ``[1, 1, 1]``, then one entry per pooling. With at
+    least ``n_stages`` poolings CoTr takes the first ``n_stages`` (nnU-Net's BCV plan
+    ``[1,2,2], [2,2,2], [2,2,2], [2,2,2], [1,2,2]`` gives the paper's strides); with fewer, the
+    stem keeps nnU-Net's full-resolution first stage (``[1, 1, 1]``), then come the poolings, and
+    any missing deepest stages get stride 1. Either way the product divides nnU-Net's patch size,
+    because it is a sub-product of nnU-Net's poolings.
+    """
+    pools = [[int(v) for v in p] for p in pool_op_kernel_sizes]
+    if any(len(p) != 3 for p in pools):
+        raise ValueError(f"CoTr is a 3D network; these plans are not 3D (pool_op_kernel_sizes {pools}). "
+                         f"Train CoTrTrainer on a 3d configuration (3d_fullres).")
+    return strided_stages(pools, n_stages)
 
 
 def _as_triple_list(values, name: str) -> tuple[IntTriple, ...]:
@@ -406,20 +413,16 @@ class CoTr(nn.Module, OfficialStateDict):
         if norm == "group" and any(f % norm_groups for f in features_t):
             raise ValueError(f"group norm with {norm_groups} groups needs every width divisible by "
                              f"{norm_groups}, got features {features_t}")
-        total = self._total_stride(strides_t)
-        if any(p % t for p, t in zip(patch, total)):
-            lower = tuple(max(t, p // t * t) for p, t in zip(patch, total))
-            upper = tuple(-(-p // t) * t for p, t in zip(patch, total))
-            raise ValueError(f"patch_size {patch} is not divisible by the cumulative stride {total} of strides "
-                             f"{[list(s) for s in strides_t]}: every axis must be a multiple of {total} "
-                             f"(minimum {total}; nearest valid sizes {lower} or {upper})")
+        problem = divisibility_problem(patch, strides_t)
+        if problem is not None:
+            raise ValueError(f"patch_size {patch} is {problem}")
 
         self.input_channels = int(input_channels)
         self.num_classes = int(num_classes)
         self.patch_size = patch
         self.strides = strides_t
         self.features = features_t
-        self.total_stride = total
+        self.total_stride = total_stride(strides_t)
         cfg = _LayerCfg(norm, activation, bool(weight_std), int(norm_groups))
         self.encoder = CoTrEncoder(self.input_channels, features_t, strides_t, blocks_t, cfg)
         self.decoder = CoTrDecoder(features_t, strides_t, self.num_classes, cfg, bool(deep_supervision))
@@ -429,10 +432,6 @@ class CoTr(nn.Module, OfficialStateDict):
                                              axis_order=axis_order, pos_offset=0.5)
 
     # -- helpers ---------------------------------------------------------------------------------
-    @staticmethod
-    def _total_stride(strides: Sequence[IntTriple]) -> IntTriple:
-        return tuple(int(v) for v in np.prod(np.asarray(strides, dtype=np.int64), axis=0))
-
     def _official_init(self) -> None:
         """Official init of encoder and decoder: kaiming-normal fan_out for (transposed) convs, norms 1/0."""
         for m in self.modules():
@@ -478,9 +477,7 @@ class CoTr(nn.Module, OfficialStateDict):
             raise ValueError(f"give the spatial size (z, y, x) only, got {input_size}")
         total = self.encoder.compute_conv_feature_map_size(input_size)
         total += self.decoder.compute_conv_feature_map_size(input_size)
-        sizes = [input_size]
-        for stride in self.strides:
-            sizes.append([i // s for i, s in zip(sizes[-1], stride)])
+        sizes = stage_sizes(input_size, self.strides)
         tokens = sum(int(np.prod(s, dtype=np.int64)) for s in sizes[-2:])
         t = self.transformer
         layer0 = t.layers[0]
@@ -528,10 +525,9 @@ class CoTr(nn.Module, OfficialStateDict):
     def forward(self, x: Tensor) -> Union[Tensor, list[Tensor]]:
         if x.dim() != 5 or x.shape[1] != self.input_channels:
             raise ValueError(f"expected input (N, {self.input_channels}, z, y, x), got {tuple(x.shape)}")
-        spatial = tuple(x.shape[2:])
-        if any(s % t for s, t in zip(spatial, self.total_stride)):
-            raise ValueError(f"input spatial size {spatial} is not divisible by the total stride "
-                             f"{self.total_stride}")
+        if any(s % t for s, t in zip(x.shape[2:], self.total_stride)):
+            problem = divisibility_problem(x.shape[2:], self.strides)
+            raise ValueError(f"input spatial size {tuple(x.shape[2:])} is {problem}")
         levels = self.encoder(x)
         tokens = self.transformer(levels[-2:])
         return self.decoder(levels[:-2] + list(tokens))

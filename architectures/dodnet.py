@@ -24,6 +24,9 @@ eval mode, merged-class scores (:meth:`SigmoidLabelCoding.class_logits`) whose a
 paper's decision rule, with the classes the task does not annotate masked. In training mode it
 always returns the sigmoid logits the loss needs.
 
+torch.compile: no graph break in training or eval mode (with a label coding too); the task is a
+tensor (``task_index`` or the ``tasks`` argument), so one compiled graph serves every task.
+
 Official weights: at the paper configuration this is the official ``unet3D`` (no conventions to
 switch); ``official_key_map()`` / ``from_official_state_dict(sd)`` / ``official_state_dict()``
 rename between our keys and the official ones (``conv1``, ``layer0`` .. ``layer4``, ``fusionConv``,
@@ -44,6 +47,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnunet_ext.architectures.blocks.nnunet_v1 import OfficialNames, OfficialStateDict
+from nnunet_ext.architectures.blocks.topology import as_strides, leading_strides
+from nnunet_ext.architectures.blocks.ws_conv import WSConv3d
 from nnunet_ext.tasks.conditioning import TaskConditioning
 from nnunet_ext.tasks.task_map import TaskMap, TaskMapError
 
@@ -53,25 +58,6 @@ PAPER_STRIDES: tuple[tuple[int, int, int], ...] = ((1, 1, 1),) + ((2, 2, 2),) * 
 HEAD_FEATURES = 8  # channels of pre-class features and of the dynamic head's hidden layers
 MOTS_TASKS = 7
 GROUPS = 16  # GroupNorm groups throughout
-
-
-class WSConv3d(nn.Conv3d):
-    """Conv3d with weight standardisation: each output filter has zero mean and unit std.
-
-    As the official ``Conv3d``: mean over (in, kD, kH, kW) per filter, the *unbiased* variance
-    (``torch.var`` default) plus 1e-12 under the square root."""
-
-    eps = 1e-12
-
-    def standardised_weight(self) -> torch.Tensor:
-        weight = self.weight
-        flat = weight.reshape(weight.shape[0], -1)
-        centred = flat - flat.mean(dim=1, keepdim=True)
-        std = torch.sqrt(centred.var(dim=1, keepdim=True) + self.eps)
-        return (centred / std).view_as(weight)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.standardised_weight(), self.bias)
 
 
 def _pre_activation(channels: int) -> list[nn.Module]:
@@ -301,7 +287,7 @@ class DoDNet(TaskConditioning, OfficialStateDict):
                  blocks: Sequence[int] = PAPER_BLOCKS, coding: SigmoidLabelCoding | None = None,
                  deep_supervision: bool = False):
         super().__init__()
-        strides = [[int(s)] * 3 if isinstance(s, int) else [int(v) for v in s] for s in strides]
+        strides = as_strides(strides, 3)
         if not len(strides) == len(features) == len(blocks) >= 2:
             raise ValueError(f"strides, features and blocks need one entry per stage (>= 2 stages), got "
                              f"{len(strides)}, {len(features)}, {len(blocks)}")
@@ -326,8 +312,8 @@ class DoDNet(TaskConditioning, OfficialStateDict):
     def head_logits(self, x: torch.Tensor, tasks: torch.Tensor | None = None) -> torch.Tensor:
         """The per-task sigmoid logits ``(B, head_channels, ...)`` in any mode."""
         if x.shape[1] != self.input_channels:
-            raise ValueError(f"DoDNet expects {self.input_channels} input channels (the merged dataset's; tasks "
-                             f"with fewer are zero-padded), got {x.shape[1]}")
+            raise ValueError(f"{type(self).__name__} expects {self.input_channels} input channels (the merged "
+                             f"dataset's; tasks with fewer are zero-padded), got {x.shape[1]}")
         tasks = self._tasks(x.shape[0], tasks)
         return self._task_head(self._shared_features(x), tasks)
 
@@ -383,11 +369,11 @@ class DoDNet(TaskConditioning, OfficialStateDict):
             self.last_head_logits = logits
         if self.training or self.coding is None:
             return logits
-        # eval-mode masking (and prediction) is per batch task: nnU-Net predicts one task at a time
+        # eval mode: merged-class scores, each sample's unannotated classes masked (by its own task)
         return self._class_scores(logits, self._tasks(x.shape[0], tasks))
 
     def _class_scores(self, logits: torch.Tensor, tasks: torch.Tensor) -> torch.Tensor:
-        return self.mask_unannotated(self.coding.class_logits(logits, tasks))
+        return self.mask_unannotated(self.coding.class_logits(logits, tasks), tasks)
 
     def forward_tasks(self, x: torch.Tensor, task_ids: Sequence[int]) -> list[torch.Tensor]:
         """``[set_task(t); forward(x) for t in task_ids]`` from ONE pass of the shared network: only the
@@ -409,15 +395,16 @@ class DoDNet(TaskConditioning, OfficialStateDict):
         return outputs
 
 
-def strides_from_plans(plan_strides: Sequence[Sequence[int] | int], stages: int = len(PAPER_FEATURES)) -> list[list[int]]:
+def strides_from_plans(plan_strides: Sequence[Sequence[int] | int],
+                       stages: int = len(PAPER_FEATURES)) -> list[list[int]]:
     """DoDNet's per-stage strides from nnU-Net's plans: the plans' first ``stages`` strides
     (their first is the stride-1 stem stage), padded with stride 1 when the plans have fewer
-    stages. The depth and widths stay the paper's, so with >= 5 planned stages the layers and
-    the parameter count are the paper's whatever the plans; only the downsampling follows the
-    plans' (anisotropic) choice. A padded stride-1 stage keeps its blocks but, by the official
-    rule (projection only where stride or width changes), has an identity first shortcut."""
-    strides = [[int(s)] * 3 if isinstance(s, int) else [int(v) for v in s] for s in plan_strides][:stages]
-    return strides + [[1, 1, 1]] * (stages - len(strides))
+    stages (:func:`~nnunet_ext.architectures.blocks.topology.leading_strides`). The depth and widths
+    stay the paper's, so with >= 5 planned stages the layers and the parameter count are the paper's
+    whatever the plans; only the downsampling follows the plans' (anisotropic) choice. A padded
+    stride-1 stage keeps its blocks but, by the official rule (projection only where stride or width
+    changes), has an identity first shortcut."""
+    return leading_strides(plan_strides, stages)
 
 
 def paper_dodnet() -> DoDNet:

@@ -25,7 +25,7 @@ Order convention (ours): every list of five per-stage tensors (``feedback``, ``f
 The official code orders decoder features and feedback bottleneck first.
 
 Plans: ``strides`` are the four downsampling strides (nnU-Net's per-stage ``strides`` without the
-first, see :func:`vnet_strides`), so patch size and anisotropy follow the plans; the default is the
+first, see :func:`strides_from_plans`), so patch size and anisotropy follow the plans; the default is the
 official four isotropic stride-2 steps. 2D strides give the same network with 2D ops.
 
 Outputs: ``decoder.deep_supervision`` is the switch nnU-Net flips. On (or ``training_outputs=True``,
@@ -39,8 +39,11 @@ Official weights: this network is the official ``LeFeD_Net`` (no conventions to 
 between our keys and the official ones (the V-Net names of MC-Net, ``encoder.*``, ``decoder1.*``,
 ``decoder2.*``, and the side heads ``sideconv1.side1`` (full resolution) .. ``side5`` (bottleneck)).
 
-The V-Net blocks (stages, downsampling, upsampling) are ``architectures/blocks/vnet.py``'s, shared
-with MC-Net+.
+The V-Net blocks (stages, encoder, decoders) are ``architectures/blocks/vnet.py``'s, shared with
+MC-Net+.
+
+torch.compile: no graph break; with and without the training outputs (``deep_supervision``) and
+with and without feedback are separate graphs.
 """
 from __future__ import annotations
 
@@ -50,12 +53,12 @@ import torch
 from torch import nn
 
 from nnunet_ext.architectures.blocks.nnunet_v1 import OfficialNames, OfficialStateDict
-from nnunet_ext.architectures.blocks.vnet import VNetConvStage, VNetDown, VNetUp, upsample, vnet_ops
+from nnunet_ext.architectures.blocks.topology import downsampling_strides, require_full_resolution_first
+from nnunet_ext.architectures.blocks.vnet import VNetDecoder, VNetEncoder, upsample, vnet_ops
 from nnunet_ext.architectures.mcnet import name_vnet_decoder, name_vnet_encoder
 
 ISOTROPIC_STRIDES = ((2, 2, 2),) * 4
-ENCODER_CONVS = (1, 2, 3, 3, 3)  # conv layers per encoder stage, full resolution first (official)
-DECODER_CONVS = (3, 3, 2, 1)  # conv layers per decoder stage, deepest first (official)
+ENCODER_CONVS = (1, 2, 3, 3, 3)  # conv layers per stage, full resolution first (official; the decoders' 3/3/2/1)
 FEEDBACK_SCALE = 1e-3  # official factor of the feature discrepancy
 
 
@@ -69,84 +72,21 @@ class LeFeDOutput(NamedTuple):
     features2: list[torch.Tensor]
 
 
-def vnet_strides(plan_strides: Sequence[Sequence[int] | int], dim: int | None = None) -> tuple[tuple[int, ...], ...]:
-    """The V-Net's four downsampling strides from nnU-Net's per-stage ``strides`` (first stage first).
-
-    The V-Net has exactly five stages. nnU-Net's first entry is the first stage's (normally 1) and
-    is dropped; of the rest, the first four are used (the plans' patch is divisible by the product
-    of all of them, hence by that of the first four); fewer than four are padded with stride 1,
-    a stage that keeps the resolution.
-    """
-    entries = [tuple(s) if isinstance(s, (list, tuple)) else None for s in plan_strides]
-    dim = dim or next((len(e) for e in entries if e is not None), 3)
-    full = [e if e is not None else (int(s),) * dim for e, s in zip(entries, plan_strides)]
-    if full and any(v != 1 for v in full[0]):
-        raise ValueError(f"LeFeD keeps the first stage at full resolution; the plans' first stride is {full[0]}")
-    steps = [tuple(int(v) for v in s) for s in full[1:5]]
-    return tuple(steps + [(1,) * dim] * (4 - len(steps)))
+def strides_from_plans(plan_strides: Sequence[Sequence[int] | int], dim: int | None = None) -> list[list[int]]:
+    """The V-Net's four downsampling strides from nnU-Net's per-stage ``strides`` (first stage first):
+    the steps after the plans' stride-1 first stage, the first four (the plans' patch is divisible by
+    their product), fewer padded with stride 1 (a stage that keeps the resolution)
+    (:func:`~nnunet_ext.architectures.blocks.topology.downsampling_strides`). ``dim``: the plans'
+    dimensionality where the strides are given as ints."""
+    require_full_resolution_first(plan_strides, "LeFeD", dim)
+    return downsampling_strides(plan_strides, 4, dim)
 
 
-class LeFeDEncoder(nn.Module):
-    """V-Net encoder; returns the five stage outputs (full resolution first), feedback added."""
+class LeFeDEncoder(VNetEncoder):
+    """The V-Net encoder (``encoder.downs`` in LeFeD's state dicts); ``forward(x, feedback)`` adds the
+    feedback to the five stage outputs (before the bottleneck dropout, as official)."""
 
-    def __init__(self, input_channels: int, strides: Sequence[Sequence[int]], base_features: int = 16,
-                 dropout: float = 0.3):
-        super().__init__()
-        dim = len(strides[0])
-        widths = [base_features * 2 ** k for k in range(5)]
-        self.stages = nn.ModuleList(VNetConvStage(n, input_channels if k == 0 else widths[k], widths[k], dim)
-                                    for k, n in enumerate(ENCODER_CONVS))
-        self.downs = nn.ModuleList(VNetDown(widths[k], widths[k + 1], strides[k]) for k in range(4))
-        self.dropout = vnet_ops(dim)[3](p=dropout)
-        self.widths = widths
-
-    def forward(self, x: torch.Tensor, feedback: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
-        if feedback is not None and len(feedback) != len(self.stages):
-            raise ValueError(f"feedback needs {len(self.stages)} tensors (one per encoder stage), got {len(feedback)}")
-        skips = []
-        for k, stage in enumerate(self.stages):
-            x = stage(x)
-            if feedback is not None:
-                x = x + feedback[k]
-            if k == len(self.stages) - 1:
-                x = self.dropout(x)  # official: on the bottleneck, after the feedback
-            skips.append(x)
-            if k < len(self.downs):
-                x = self.downs[k](x)
-        return skips
-
-
-class LeFeDDecoder(nn.Module):
-    """A V-Net decoder with additive skips; optionally gated (decoder 2).
-
-    Returns (logits, features), features full resolution first: the upsampled features before the
-    skip is added, and last the bottleneck as this decoder used it (gated for decoder 2), as the
-    official ``Decoder`` returns them.
-    """
-
-    def __init__(self, num_classes: int, strides: Sequence[Sequence[int]], widths: Sequence[int], upsampling: str,
-                 dropout: float = 0.5):
-        super().__init__()
-        dim = len(strides[0])
-        levels = range(3, -1, -1)  # the level each upsampling step reaches, deepest first
-        self.ups = nn.ModuleList(VNetUp(widths[k + 1], widths[k], strides[k], upsampling) for k in levels)
-        self.stages = nn.ModuleList(VNetConvStage(n, widths[k], widths[k], dim) for n, k in zip(DECODER_CONVS, levels))
-        self.dropout = vnet_ops(dim)[3](p=dropout)
-        self.head = vnet_ops(dim)[0](widths[0], num_classes, 1)
-
-    def forward(self, skips: Sequence[torch.Tensor], gates: Sequence[torch.Tensor] | None = None
-                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        x = skips[-1]
-        if gates is not None:
-            x = x + x * gates[-1]
-        features = [x]
-        for i, (up, stage) in enumerate(zip(self.ups, self.stages)):
-            level = len(skips) - 2 - i
-            upsampled = up(x)
-            features.append(upsampled)
-            skip = skips[level] if gates is None else skips[level] * gates[level]
-            x = stage(upsampled + skip)
-        return self.head(self.dropout(x)), features[::-1]
+    downsampling_name = "downs"
 
 
 class LeFeDSideHeads(nn.Module):
@@ -169,13 +109,14 @@ class LeFeDSideHeads(nn.Module):
 
 
 class LeFeDDecoders(nn.Module):
-    """Both decoders and the side heads; ``deep_supervision`` is the switch nnU-Net flips."""
+    """Both decoders (the shared :class:`VNetDecoder`: decoder 2 takes decoder 1's gates) and the side
+    heads; ``deep_supervision`` is the switch nnU-Net flips."""
 
     def __init__(self, num_classes: int, strides: Sequence[Sequence[int]], widths: Sequence[int],
                  dropout: float = 0.5, deep_supervision: bool = True):
         super().__init__()
-        self.decoder1 = LeFeDDecoder(num_classes, strides, widths, "transposed", dropout)
-        self.decoder2 = LeFeDDecoder(num_classes, strides, widths, "linear", dropout)
+        self.decoder1 = VNetDecoder(num_classes, widths, ENCODER_CONVS, strides, "transposed", dropout)
+        self.decoder2 = VNetDecoder(num_classes, widths, ENCODER_CONVS, strides, "linear", dropout)
         self.side = LeFeDSideHeads(num_classes, strides, widths)
         self.deep_supervision = deep_supervision
 
@@ -190,10 +131,11 @@ class LeFeD(nn.Module, OfficialStateDict):
         strides = tuple(tuple(int(v) for v in s) for s in strides)
         if len(strides) != 4 or len({len(s) for s in strides}) != 1:
             raise ValueError(f"LeFeD needs four downsampling strides of one dimensionality, got {strides} "
-                             f"(from nnU-Net plans use vnet_strides(plans_strides))")
+                             f"(from nnU-Net plans use strides_from_plans(plans_strides))")
         self.strides = strides
-        self.encoder = LeFeDEncoder(input_channels, strides, base_features, encoder_dropout)
-        self.decoder = LeFeDDecoders(num_classes, strides, self.encoder.widths, decoder_dropout, deep_supervision)
+        widths = [base_features * 2 ** k for k in range(len(ENCODER_CONVS))]
+        self.encoder = LeFeDEncoder(input_channels, widths, ENCODER_CONVS, strides, encoder_dropout)
+        self.decoder = LeFeDDecoders(num_classes, strides, widths, decoder_dropout, deep_supervision)
 
     def forward(self, x: torch.Tensor, feedback: Sequence[torch.Tensor] | None = None,
                 training_outputs: bool | None = None) -> LeFeDOutput | torch.Tensor:

@@ -16,7 +16,7 @@ anew for nnU-Net v2:
 
 Plan-driven (where we had to decide): the official net always downsamples 4 times by 2x2x2.
 Here ``strides`` lists the per-level downsampling (any count >= 1, anisotropic allowed), so the
-network follows nnU-Net's patch and spacing; :func:`downsampling_from_plans` takes them from
+network follows nnU-Net's patch and spacing; :func:`strides_from_plans` takes them from
 nnU-Net's plans (at most 4, the official depth). Conv counts per level follow the official
 pattern (1, 2, then 3s); decoder level l has as many convs as encoder level l (as official).
 Any patch divisible by the product of the strides works.
@@ -33,17 +33,20 @@ logits, decoder 1 first. In eval mode with deep supervision off (what nnU-Net's 
 validation use) one tensor: ``inference="first"`` decoder 1 only (the paper's choice; only
 decoder 1 is run), ``"mean"`` the mean of all decoders' logits (the official
 ``test_single_case_average_output``, which averages logits, not probabilities).
+
+torch.compile: no graph break; training and eval mode are separate graphs (different outputs).
 """
 from __future__ import annotations
 
 from typing import Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
 from nnunet_ext.architectures.blocks.nnunet_v1 import OfficialNames, OfficialStateDict
-from nnunet_ext.architectures.blocks.vnet import UPSAMPLING_MODES, VNetConvStage, VNetDown, VNetUp
+from nnunet_ext.architectures.blocks.topology import (downsampling_strides, require_full_resolution_first,
+                                                      total_stride)
+from nnunet_ext.architectures.blocks.vnet import UPSAMPLING_MODES, VNetDecoder, VNetEncoder
 
 UPSAMPLING_KINDS = ("transpose", "trilinear", "nearest")  # the official decoders 1, 2, 3
 _BLOCK_MODES = dict(zip(UPSAMPLING_KINDS, UPSAMPLING_MODES))  # the shared VNetUp's names of the same three
@@ -57,22 +60,14 @@ def official_convs_per_level(num_levels: int) -> list[int]:
     return [min(level + 1, 3) for level in range(num_levels)]
 
 
-def downsampling_from_plans(plans_strides: Sequence[Sequence[int]],
-                            max_downsamplings: int = OFFICIAL_MAX_DOWNSAMPLINGS) -> list[list[int]]:
-    """Per-level downsampling for MCNet from nnU-Net's plans ``strides`` (= pool op kernel sizes).
-
-    nnU-Net's first stage does not downsample (stride 1); the next entries are the pooling steps,
-    anisotropic ones such as (1, 2, 2) first. We keep the first ``max_downsamplings`` of them: the
-    V-Net depth of the paper (4) where the plans allow it, fewer where the patch is too small. The
-    patch stays divisible (a prefix of nnU-Net's strides divides what nnU-Net made it divisible by).
-    """
-    strides = [[int(s) for s in stride] for stride in plans_strides]
-    if not strides or any(s != 1 for s in strides[0]):
-        raise ValueError(f"expected nnU-Net plans strides starting with a stride-1 stage, got {plans_strides}")
-    downsampling = strides[1:1 + max_downsamplings]
-    if not downsampling:
-        raise ValueError(f"the plans' strides {plans_strides} have no downsampling; MC-Net needs at least one")
-    return downsampling
+def strides_from_plans(plan_strides: Sequence[Sequence[int] | int],
+                       max_downsamplings: int = OFFICIAL_MAX_DOWNSAMPLINGS) -> list[list[int]]:
+    """MCNet's downsampling from nnU-Net's plans ``strides`` (= pool op kernel sizes): the steps after
+    the plans' stride-1 first stage, at most ``max_downsamplings`` of them (the paper's V-Net depth,
+    4, where the plans allow it; fewer where the patch is too small), not padded
+    (:func:`~nnunet_ext.architectures.blocks.topology.downsampling_strides`)."""
+    require_full_resolution_first(plan_strides, "MC-Net+")
+    return downsampling_strides(plan_strides, max_downsamplings, pad=False)
 
 
 # The official V-Net's module names (``networks/VNet.py`` of ycwu1997/MC-Net; LeFeD's ``my_net.py``
@@ -105,52 +100,6 @@ def name_vnet_decoder(names: OfficialNames, ups, stages, head: nn.Module, prefix
     names.add(head, f"{prefix}.out_conv")
 
 
-class VNetEncoder(nn.Module):
-    """V-Net encoder; returns the features of every level, full resolution first."""
-
-    def __init__(self, input_channels: int, features: Sequence[int], convs: Sequence[int],
-                 strides: Sequence[Sequence[int]], dropout_p: float):
-        super().__init__()
-        self.stages = nn.ModuleList(VNetConvStage(convs[level], input_channels if level == 0 else features[level],
-                                                  features[level]) for level in range(len(features)))
-        self.downsamplings = nn.ModuleList(VNetDown(features[level], features[level + 1], stride)
-                                           for level, stride in enumerate(strides))
-        self.dropout = nn.Dropout3d(dropout_p) if dropout_p > 0 else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        skips = []
-        for level, stage in enumerate(self.stages):
-            x = stage(x)
-            skips.append(x)
-            if level < len(self.downsamplings):
-                x = self.downsamplings[level](x)
-        skips[-1] = self.dropout(skips[-1])
-        return skips
-
-
-class VNetDecoder(nn.Module):
-    """One V-Net decoder with its own upsampling kind, additive skips and 1x1 head."""
-
-    def __init__(self, upsampling: str, num_classes: int, features: Sequence[int], convs: Sequence[int],
-                 strides: Sequence[Sequence[int]], dropout_p: float):
-        super().__init__()
-        self.upsampling = upsampling
-        levels = range(len(strides) - 1, -1, -1)  # deepest first
-        if upsampling not in _BLOCK_MODES:
-            raise ValueError(f"unknown upsampling {upsampling!r}; use one of {UPSAMPLING_KINDS}")
-        self.ups = nn.ModuleList(VNetUp(features[level + 1], features[level], strides[level], _BLOCK_MODES[upsampling])
-                                 for level in levels)
-        self.stages = nn.ModuleList(VNetConvStage(convs[level], features[level], features[level]) for level in levels)
-        self.dropout = nn.Dropout3d(dropout_p) if dropout_p > 0 else nn.Identity()
-        self.head = nn.Conv3d(features[0], num_classes, 1)
-
-    def forward(self, skips: Sequence[torch.Tensor]) -> torch.Tensor:
-        x = skips[-1]
-        for i, (up, stage) in enumerate(zip(self.ups, self.stages)):
-            x = stage(up(x) + skips[-(i + 2)])
-        return self.head(self.dropout(x))
-
-
 class MCNetDecoders(nn.Module):
     """The decoders, and the ``deep_supervision`` switch nnU-Net flips (here: all outputs or one)."""
 
@@ -164,17 +113,17 @@ class MCNetDecoders(nn.Module):
 
     def forward(self, skips: Sequence[torch.Tensor]) -> list[torch.Tensor] | torch.Tensor:
         if self.training or self.deep_supervision:
-            return [decoder(skips) for decoder in self.decoders]
+            return [decoder(skips)[0] for decoder in self.decoders]
         if self.inference == "first":
-            return self.decoders[0](skips)
-        return torch.stack([decoder(skips) for decoder in self.decoders]).mean(0)
+            return self.decoders[0](skips)[0]
+        return torch.stack([decoder(skips)[0] for decoder in self.decoders]).mean(0)
 
 
 class MCNet(nn.Module, OfficialStateDict):
     """MC-Net+ (3 decoders), MC-Net (2) or V-Net (1); keyword arguments a plan or trainer can give.
 
     ``strides``: per-level downsampling, deepest last (default the official 4 x 2x2x2; see
-    :func:`downsampling_from_plans`). ``convs_per_level``: default 1, 2, 3, 3, ... (official).
+    :func:`strides_from_plans`). ``convs_per_level``: default 1, 2, 3, 3, ... (official).
     ``upsampling``: the decoders' kinds (default the first ``num_decoders`` of transpose,
     trilinear, nearest). ``deep_supervision``: return all decoders' logits also in eval mode.
     """
@@ -199,12 +148,15 @@ class MCNet(nn.Module, OfficialStateDict):
         convs = list(convs_per_level) if convs_per_level is not None else official_convs_per_level(num_levels)
         if len(convs) != num_levels:
             raise ValueError(f"convs_per_level needs {num_levels} entries (one per level), got {convs}")
+        unknown = [kind for kind in upsampling if kind not in _BLOCK_MODES]
+        if unknown:
+            raise ValueError(f"unknown upsampling {unknown[0]!r}; use one of {UPSAMPLING_KINDS}")
         features = [base_filters * 2 ** level for level in range(num_levels)]
         self.strides = strides
         self.convs_per_level = tuple(convs)
-        self.total_stride = tuple(int(s) for s in np.prod(np.array(strides), axis=0))
+        self.total_stride = total_stride(strides)
         self.encoder = VNetEncoder(input_channels, features, convs, strides, dropout_p)
-        self.decoder = MCNetDecoders([VNetDecoder(kind, num_classes, features, convs, strides, dropout_p)
+        self.decoder = MCNetDecoders([VNetDecoder(num_classes, features, convs, strides, _BLOCK_MODES[kind], dropout_p)
                                       for kind in upsampling], inference, deep_supervision)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor] | torch.Tensor:
@@ -214,7 +166,7 @@ class MCNet(nn.Module, OfficialStateDict):
         return self.decoder(self.encoder(x))
 
     def official_weights_problem(self) -> str | None:
-        kinds = [decoder.upsampling for decoder in self.decoder.decoders]
+        kinds = [UPSAMPLING_KINDS[UPSAMPLING_MODES.index(decoder.mode)] for decoder in self.decoder.decoders]
         if len(self.strides) != len(OFFICIAL_DECODER_UPS) or self.convs_per_level != OFFICIAL_CONVS_PER_LEVEL:
             return (f"the official V-Net has 4 downsamplings and {list(OFFICIAL_CONVS_PER_LEVEL)} convs per level; "
                     f"this MCNet has {len(self.strides)} and {list(self.convs_per_level)}")

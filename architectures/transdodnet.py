@@ -47,6 +47,10 @@ No deep supervision (official ``deep_supervision=False``).
 (:mod:`nnunet_ext.architectures.blocks.deformable_attention`); official weights need ``"official"``
 (``paper_network("TransDoDNet", conventions="official")``).
 
+torch.compile: no graph break in training or eval mode, with or without a label coding (before:
+23, from the deformable attention reading level shapes out of tensors); the task is a tensor, so
+one compiled graph serves every task (``tests/test_compile.py``).
+
 Official weights: ``official_key_map()`` / ``from_official_state_dict(sd)`` /
 ``official_state_dict()`` rename between our keys and those of the official ``TransDoDNet``
 (all under ``ResCNN_DeformTR.``: ``backbone``, ``input_proj``, ``transformer.encoder``,
@@ -57,7 +61,6 @@ Official weights: ``official_key_map()`` / ``from_official_state_dict(sd)`` /
 from __future__ import annotations
 
 import copy
-import math
 from typing import Sequence
 
 import torch
@@ -69,6 +72,7 @@ from nnunet_ext.architectures.blocks.deformable_attention import (DeformableEnco
                                                                   EncoderOutput, MultiScaleDeformableAttention3D,
                                                                   split_levels)
 from nnunet_ext.architectures.blocks.nnunet_v1 import OfficialNames, OfficialStateDict
+from nnunet_ext.architectures.blocks.topology import as_strides, downsampling_strides
 from nnunet_ext.architectures.dodnet import (HEAD_FEATURES, MOTS_TASKS, DoDNet, SigmoidLabelCoding, dynamic_head,
                                              dynamic_head_sizes, init_head_conditioning)
 from nnunet_ext.tasks.conditioning import TaskConditioning
@@ -174,15 +178,9 @@ class TransDoDAttention(MultiScaleDeformableAttention3D):
     first; isotropic, so the axis order does not matter) and its sampling-direction init
     ``(sin cos, cos, sin)`` of the head angle."""
 
-    def _reset_parameters(self) -> None:
-        super()._reset_parameters()
-        thetas = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
-        directions = torch.stack([thetas.sin() * thetas.cos(), thetas.cos(), thetas.sin()], -1)
-        directions = directions / directions.abs().max(-1, keepdim=True)[0]
-        grid = directions.view(self.n_heads, 1, 1, 3).repeat(1, self.n_levels, self.n_points, 1)
-        grid = grid * torch.arange(1, self.n_points + 1, dtype=torch.float32).view(1, 1, -1, 1)
-        with torch.no_grad():
-            self.sampling_offsets.bias.copy_(grid.reshape(-1))
+    @staticmethod
+    def _sampling_directions(thetas: torch.Tensor) -> torch.Tensor:
+        return torch.stack([thetas.sin() * thetas.cos(), thetas.cos(), thetas.sin()], -1)
 
     def _offset_normalizer(self, spatial_shapes: torch.Tensor) -> torch.Tensor:
         levels = torch.tensor([OFFSET_NORMALIZER_BASE * 2 ** (i - 1) for i in range(self.n_levels, 0, -1)],
@@ -191,21 +189,13 @@ class TransDoDAttention(MultiScaleDeformableAttention3D):
 
 
 class DeepNormEncoderLayer(DeformableTransformerEncoderLayer):
-    """The shared encoder layer with TransDoDNet's attention and DeepNorm residuals:
+    """The shared encoder layer with TransDoDNet's attention; its ``res_scale`` is DeepNorm's alpha:
     ``LN(x * alpha + drop(f(x)))`` (official ``forward_post`` with ``res_scale``)."""
 
-    def __init__(self, *args, res_scale: float = 1.0, **kwargs):
+    def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         attn = self.self_attn
         self.self_attn = TransDoDAttention(attn.d_model, attn.n_levels, attn.n_heads, attn.n_points, attn.axis_order)
-        self.res_scale = res_scale
-
-    def forward(self, src, pos, reference_points, spatial_shapes, level_start_index=None, padding_mask=None):
-        query = src if pos is None else src + pos
-        attended = self.self_attn(query, reference_points, src, spatial_shapes, level_start_index, padding_mask)
-        src = self.norm1(src * self.res_scale + self.dropout1(attended))
-        ffn = self.linear2(self.dropout2(self.activation(self.linear1(src))))
-        return self.norm2(src * self.res_scale + self.dropout3(ffn))
 
 
 class TaskQueryDecoderLayer(nn.Module):
@@ -293,7 +283,7 @@ class TransDoDNet(TaskConditioning, OfficialStateDict):
                  axis_order: str = "corrected", coding: SigmoidLabelCoding | None = None,
                  deep_supervision: bool = False):
         super().__init__()
-        strides = [[int(s)] * 3 if isinstance(s, int) else [int(v) for v in s] for s in strides]
+        strides = as_strides(strides, 3)
         if len(strides) != len(widths) + 1 or len(blocks) != len(widths) or any(len(s) != 3 for s in strides):
             raise ValueError(f"need one 3D stride for the stem and one per layer ({len(widths) + 1}) and one block "
                              f"count per layer, got strides {strides} and blocks {list(blocks)}")
@@ -347,14 +337,6 @@ class TransDoDNet(TaskConditioning, OfficialStateDict):
         for m in self.modules():  # official init of the CNN parts (the transformer keeps its own)
             if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d)):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out")
-
-    def head_logits(self, x: torch.Tensor, tasks: torch.Tensor | None = None) -> torch.Tensor:
-        """The per-task sigmoid logits ``(B, head_channels, *x.shape[2:])`` in any mode."""
-        if x.shape[1] != self.input_channels:
-            raise ValueError(f"TransDoDNet expects {self.input_channels} input channels (the merged dataset's; tasks "
-                             f"with fewer are zero-padded), got {x.shape[1]}")
-        tasks = self._tasks(x.shape[0], tasks)
-        return self._task_head(self._shared_features(x), tasks)
 
     def _shared_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Size]:
         """What every task shares: all task queries (B, num_tasks, hidden), the CNN decoder's pre-class
@@ -414,7 +396,9 @@ class TransDoDNet(TaskConditioning, OfficialStateDict):
         names.sequential(self.precls, f"{root}.precls_conv")
         return names
 
-    # task selection, logit keeping, eval-mode class scores and all-task outputs: DoDNet's, not a copy
+    # task selection, head logits (``(B, head_channels, *x.shape[2:])``), logit keeping, eval-mode class
+    # scores and all-task outputs: DoDNet's, not a copy
+    head_logits = DoDNet.head_logits
     _tasks = DoDNet._tasks
     forward = DoDNet.forward
     _class_scores = DoDNet._class_scores
@@ -431,10 +415,10 @@ def strides_from_plans(plan_strides: Sequence[Sequence[int] | int],
                        stages: int = len(PAPER_STRIDES)) -> list[list[int]]:
     """TransDoDNet's five strides from nnU-Net's plans: the plans' downsampling strides (after
     their stride-1 first stage) become the stem's and layers 1-4's, padded with stride 1 when the
-    plans downsample fewer times. Depth and widths stay the paper's; 64x192x192 plans of
-    [1,1,1], [1,2,2], [2,2,2] x 4 give the official network exactly."""
-    strides = [[int(s)] * 3 if isinstance(s, int) else [int(v) for v in s] for s in plan_strides][1:stages + 1]
-    return strides + [[1, 1, 1]] * (stages - len(strides))
+    plans downsample fewer times (:func:`~nnunet_ext.architectures.blocks.topology.downsampling_strides`).
+    Depth and widths stay the paper's; 64x192x192 plans of [1,1,1], [1,2,2], [2,2,2] x 4 give the
+    official network exactly."""
+    return downsampling_strides(plan_strides, stages, 3)
 
 
 def paper_transdodnet(axis_order: str = "corrected") -> TransDoDNet:

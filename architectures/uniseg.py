@@ -36,15 +36,18 @@ merged label space; in eval mode the classes the task does not annotate are mask
 
 Both keep the prompt sized by the plans' strides (the official code divides the patch by
 16, 32, 32, which is the same for its plans).
+
+torch.compile: no graph break. The task's prompt channel and class mask are indexed by a tensor, so
+tasks share a compiled graph, except that the input conv is chosen by the task's channel count (a
+Python key: choosing a module by a tensor would mean running every input conv): one graph per
+distinct channel count (three for the official 11 tasks: 1, 2 and 4 channels).
 """
 from __future__ import annotations
 
 from typing import List, Sequence, Type, Union
 
-import numpy as np
 import torch
 from dynamic_network_architectures.architectures.abstract_arch import AbstractDynamicNetworkArchitectures
-from dynamic_network_architectures.building_blocks.helper import maybe_convert_scalar_to_list
 from dynamic_network_architectures.building_blocks.plain_conv_encoder import PlainConvEncoder
 from dynamic_network_architectures.building_blocks.simple_conv_blocks import StackedConvBlocks
 from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
@@ -55,6 +58,7 @@ from torch.nn.modules.dropout import _DropoutNd
 from nnunet_ext.architectures.blocks.nnunet_v1 import (OfficialNames, OfficialStateDict, check_conventions,
                                                        decoder_view, remove_decoder_biases, require_two_convs,
                                                        v1_decoder_kernel_sizes)
+from nnunet_ext.architectures.blocks.topology import bottleneck_size
 from nnunet_ext.tasks.conditioning import TaskConditioning
 
 IntOrList = Union[int, List[int], tuple]
@@ -146,7 +150,9 @@ class UniSeg(AbstractDynamicNetworkArchitectures, TaskConditioning, OfficialStat
         })
 
         bottleneck_features = self.encoder.output_channels[-1]
-        self.bottleneck_size = self._bottleneck_size(patch_size, self.encoder.strides)
+        # the prompt has the bottleneck's size; a patch the strides do not divide could not run through the
+        # U-Net's skip concatenations, so it is refused here rather than at the first batch
+        self.bottleneck_size = bottleneck_size(patch_size, self.encoder.strides, "UniSeg's patch_size")
         # randn as the official ``intermedia_prompt``; nnU-Net's He init only touches convs.
         self.prompt = nn.Parameter(torch.randn(1, self.num_tasks, *self.bottleneck_size))
         fuse_in = bottleneck_features + self.num_tasks
@@ -169,18 +175,6 @@ class UniSeg(AbstractDynamicNetworkArchitectures, TaskConditioning, OfficialStat
         self.key_to_stem = "encoder.stages.0"
         # Every input conv depends on the input channels (they differ in shape by design).
         self.keys_to_in_proj = tuple(f"input_convs.{key}" for key in self.input_convs)
-
-    @staticmethod
-    def _bottleneck_size(patch_size: Sequence[int], strides: Sequence[Sequence[int]]) -> tuple[int, ...]:
-        """``patch_size // prod(strides)``; a patch the strides do not divide cannot run through
-        the U-Net's skip concatenations, so it is refused here rather than at the first batch."""
-        total = np.prod(np.array(strides, dtype=np.int64), axis=0)
-        if len(patch_size) != len(total):
-            raise ValueError(f"patch_size {list(patch_size)} has {len(patch_size)} axes, strides have {len(total)}")
-        if any(int(p) % int(t) for p, t in zip(patch_size, total)):
-            raise ValueError(f"patch_size {list(patch_size)} must be divisible by the cumulative strides "
-                             f"{total.tolist()} (the prompt has the bottleneck's size)")
-        return tuple(int(p) // int(t) for p, t in zip(patch_size, total))
 
     def set_task(self, task_id: int) -> None:
         """Set the task; also remembers its input conv by Python key (choosing a module needs a
@@ -221,8 +215,8 @@ class UniSeg(AbstractDynamicNetworkArchitectures, TaskConditioning, OfficialStat
         task_prompt = torch.index_select(task_prompts, 1, self.task_index.view(1))
         output = self.decoder(skips[:-1] + [torch.cat((bottleneck, task_prompt), 1)])
         if isinstance(output, (list, tuple)):
-            return [self.mask_unannotated(o) for o in output]
-        return self.mask_unannotated(output)
+            return [self.mask_unannotated(o, self.task_index) for o in output]
+        return self.mask_unannotated(output, self.task_index)
 
     def forward_tasks(self, x: torch.Tensor, task_ids: Sequence[int]) -> list:
         """``[set_task(t); forward(x) for t in task_ids]`` with the encoder and FUSE run once per distinct

@@ -35,8 +35,8 @@ def main() -> None:
         release = write_kits21_replica(Path(folder) / "release", num_labelled=CASES, num_test=0, shape=SHAPE)
         rates = {n: statistics.median(_throughput(release, Path(folder) / f"raw_np{n}_{r}", n) for r in range(REPEATS))
                  for n in (1, 2)}
-    print(json.dumps({"benchmark": "converter_throughput", "challenge": "kits21", "cases": CASES, "shape": SHAPE, "repeats": REPEATS,
-                      "cases_per_s_np1": round(rates[1], 2), "cases_per_s_np2": round(rates[2], 2),
+    print(json.dumps({"benchmark": "converter_throughput", "challenge": "kits21", "cases": CASES, "shape": SHAPE,
+                      "repeats": REPEATS, "cases_per_s_np1": round(rates[1], 2), "cases_per_s_np2": round(rates[2], 2),
                       "speedup_np2": round(rates[2] / rates[1], 2)}))
 
 

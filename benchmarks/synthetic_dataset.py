@@ -13,7 +13,7 @@ RUNS = 5
 
 def main() -> None:
     seconds = []
-    for run in range(RUNS):
+    for _ in range(RUNS):
         with tempfile.TemporaryDirectory() as folder:
             start = time.perf_counter()
             write_synthetic_dataset(folder, 13, spec=SyntheticSpec())

@@ -225,7 +225,7 @@ def main() -> None:
     baseline_name = SUITES[args.suite][0].split(":")[1]
     baseline = results[baseline_name]
     memory_key = "peak_memory_gb" if args.device.startswith("cuda") else "peak_rss_growth_gb"
-    for name, result in results.items():
+    for result in results.values():
         result["time_ratio_vs_nnUNetTrainer"] = round(result["seconds_per_iteration"] /
                                                       baseline["seconds_per_iteration"], 3)
         result["time_per_patch_ratio_vs_nnUNetTrainer"] = round(result["seconds_per_patch"] /

@@ -17,13 +17,11 @@ import argparse
 import functools
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 from torch import nn

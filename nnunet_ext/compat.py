@@ -94,6 +94,44 @@ def nnunet_trainer_folder() -> Path:
     return Path(nnunetv2.__path__[0]) / "training" / "nnUNetTrainer"
 
 
+def experiment_planner_class():
+    """nnU-Net's default ``ExperimentPlanner``, the base our method planners subclass."""
+    from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+
+    return ExperimentPlanner
+
+
+def pad_shape(shape: Sequence[int], must_be_divisible_by: Sequence[int]) -> list[int]:
+    """nnU-Net's planner rule: ``shape`` rounded up to multiples of ``must_be_divisible_by``."""
+    from nnunetv2.experiment_planning.experiment_planners.network_topology import pad_shape as nnunet_pad_shape
+
+    return [int(edge) for edge in nnunet_pad_shape(shape, must_be_divisible_by)]
+
+
+def soft_dice_loss_class():
+    """nnU-Net's ``MemoryEfficientSoftDiceLoss`` class (softmax Dice, ``apply_nonlin`` and ``do_bg`` options)."""
+    from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+
+    return MemoryEfficientSoftDiceLoss
+
+
+def trainer_for_ddp_test(dataset: str, configuration: str, fold: int, trainer: str, plans: str,
+                         continue_training: bool, ddp_wrapper, device):
+    """A trainer exactly as ``nnUNetv2_train`` builds it inside one DDP worker, with nnU-Net's ``DDP``
+    wrapper replaced by ``ddp_wrapper`` and the device set to ``device`` (used by the CPU DDP test
+    harness, :mod:`nnunet_ext.testing.ddp`; nnU-Net hard-codes CUDA there). The checkpoint is loaded
+    as ``--c`` would."""
+    import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as trainer_module
+    from nnunetv2.run.run_training import get_trainer_from_args, maybe_load_checkpoint
+
+    trainer_module.DDP = ddp_wrapper
+    nnunet_trainer = get_trainer_from_args(dataset, configuration, fold, trainer, plans, continue_training)
+    nnunet_trainer.device = device
+    nnunet_trainer.grad_scaler = None
+    maybe_load_checkpoint(nnunet_trainer, continue_training, False)
+    return nnunet_trainer
+
+
 #: the checkpoints ``nnUNetv2_train --c`` looks for in a fold folder, in the order it tries them
 CHECKPOINT_NAMES = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
 #: what ``nnUNetTrainer.load_checkpoint`` reads from every checkpoint (``grad_scaler_state`` only under AMP)
@@ -596,3 +634,149 @@ def probabilities_resampled_by_interpolation(predictor) -> bool:
     convex combination, so a logit below another everywhere stays below it)?"""
     kwargs = predictor.configuration_manager.configuration.get("resampling_fn_probabilities_kwargs") or {}
     return int(kwargs.get("order", 1)) <= 1 and int(kwargs.get("order_z", 0)) <= 1
+
+
+# --- predict --task: nnUNetv2_predict's options, each case's blocks exported in one job ------------
+
+def nnunet_predictor(tile_step_size: float = 0.5, use_mirroring: bool = True, device=None,
+                     perform_everything_on_device: bool = True, verbose: bool = False, allow_tqdm: bool = True):
+    """nnU-Net's predictor built exactly as ``nnUNetv2_predict`` builds it from its flags (``-step_size``,
+    ``--disable_tta``, ``-device``, ``--not_on_device``, ``--verbose``, ``--disable_progress_bar``).
+    ``perform_everything_on_device`` applies to CUDA only (nnU-Net switches it off elsewhere, with a
+    warning that is not repeated here)."""
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    device = device or torch.device("cpu")
+    return nnUNetPredictor(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=use_mirroring,
+                           perform_everything_on_device=perform_everything_on_device and device.type == "cuda",
+                           device=device, verbose=verbose, verbose_preprocessing=verbose, allow_tqdm=allow_tqdm)
+
+
+def previous_stage_name(predictor) -> str | None:
+    """The configuration a cascaded model's input needs predictions of (``3d_cascade_fullres``), else None."""
+    return getattr(predictor.configuration_manager, "previous_stage_name", None)
+
+
+def _block_labels(num_classes: int) -> dict:
+    """A block's classes as a dataset.json's labels (consecutive, background first, no regions, no ignore)."""
+    return {"labels": {"background": 0, **{f"class_{c}": c for c in range(1, num_classes)}}}
+
+
+def export_stacked_case(logits, properties: dict, configuration_manager, plans_manager, block_channels: Sequence[int],
+                        save_probabilities: bool, case_id: str, write_case) -> None:
+    """One case's stacked logits -> per block what nnU-Net's ``export_prediction_from_logits`` computes before
+    writing (``convert_predicted_logits_to_segmentation_with_correct_shape``: resampling to the original grid,
+    softmax with probabilities, argmax, uncropping, transposing back), then
+    ``write_case(case_id, blocks, properties, reader_writer)`` with ``blocks[b] = (segmentation of block b's class
+    indices, its probabilities or None)`` and the plans' image reader/writer, the one nnU-Net's export writes with.
+    Runs in an export process (or in-process for the sequential route)."""
+    from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
+
+    offsets = [sum(block_channels[:b]) for b in range(len(block_channels) + 1)]
+    blocks = []
+    for block, count in enumerate(block_channels):
+        label_manager = plans_manager.get_label_manager(_block_labels(count))
+        converted = convert_predicted_logits_to_segmentation_with_correct_shape(
+            logits[offsets[block]:offsets[block + 1]], plans_manager, configuration_manager, label_manager,
+            properties, return_probabilities=save_probabilities)
+        blocks.append(converted if save_probabilities else (converted, None))
+    write_case(case_id, blocks, properties, plans_manager.image_reader_writer_class())
+
+
+def predict_stacked_cases(predictor, network, block_channels: Sequence[int],
+                          image_files: Sequence[Sequence[str | os.PathLike]], case_ids: Sequence[str], write_case,
+                          save_probabilities: bool = False,
+                          num_processes_preprocessing: int = 3, num_processes_export: int = 3) -> None:
+    """nnU-Net's ``predict_from_files`` with a stacked ``network`` (:func:`stacked_predictor`) whose channel
+    block ``b`` holds ``block_channels[b]`` classes' logits (e.g. one block per task of a universal model).
+
+    For each case ``image_files[i]``: nnU-Net's preprocessing, its ``predict_logits_from_preprocessed_data``
+    (every fold, sliding window, Gaussian weighting, mirroring, fold average), then one export job
+    (:func:`export_stacked_case`) that hands every block's segmentation (and probabilities) to
+    ``write_case(case_ids[i], ...)``, which must be picklable. As ``nnUNetv2_predict``: ``-npp``/``-nps``
+    background processes (at most two jobs queued per export process), or, with both 0, everything in this
+    process (nnU-Net's ``predict_from_files_sequential``)."""
+    import multiprocessing
+    from time import sleep
+
+    import torch
+    from nnunetv2.utilities.file_path_utilities import check_workers_alive_and_busy
+
+    def job(item) -> tuple:
+        logits = predictor.predict_logits_from_preprocessed_data(item["data"]).cpu().numpy()
+        return (logits, item["data_properties"], predictor.configuration_manager, predictor.plans_manager,
+                list(block_channels), save_probabilities, item["ofile"], write_case)
+
+    paths = [[os.fspath(file) for file in files] for files in image_files]
+    with stacked_predictor(predictor, network, sum(block_channels)):
+        if num_processes_preprocessing == 0 and num_processes_export == 0:
+            preprocessor = predictor.configuration_manager.preprocessor_class(verbose=predictor.verbose)
+            for files, case_id in zip(paths, case_ids):
+                data, _, properties = preprocessor.run_case(files, None, predictor.plans_manager,
+                                                            predictor.configuration_manager, predictor.dataset_json)
+                export_stacked_case(*job({"data": torch.from_numpy(data), "data_properties": properties,
+                                          "ofile": case_id}))
+            return
+        iterator = predictor._internal_get_data_iterator_from_lists_of_filenames(
+            paths, None, list(case_ids), max(1, num_processes_preprocessing))
+        with multiprocessing.get_context("spawn").Pool(max(1, num_processes_export)) as pool:
+            workers = list(pool._pool)  # type: ignore[attr-defined]  # as nnU-Net: to notice a killed worker
+            pending: list = []
+            for item in iterator:
+                while check_workers_alive_and_busy(pool, workers, pending, allowed_num_queued=2):
+                    sleep(0.1)  # as nnU-Net: bounded memory when prediction outpaces export
+                pending.append(pool.apply_async(export_stacked_case, job(item)))
+            for result in pending:
+                while True:
+                    if not all(worker.is_alive() for worker in workers):
+                        raise RuntimeError("An export process died (as nnU-Net says: likely killed by the OS for "
+                                           "lack of RAM); use fewer with -nps.")
+                    try:
+                        result.get(timeout=0.1)
+                        break
+                    except multiprocessing.TimeoutError:
+                        pass
+
+
+# --- -pretrained_weights (nnunet_ext.pretrained) ------------------------------------------------------
+
+def route_pretrained_weights(loader) -> None:
+    """Make ``nnUNetv2_train ... -pretrained_weights FILE`` call ``loader(network, fname, verbose,
+    nnunet_loader)`` instead of nnU-Net's ``load_pretrained_weights(network, fname, verbose)``.
+
+    nnU-Net has no hook for it: ``run_training.maybe_load_checkpoint`` initialises the trainer and
+    calls the function it imported from ``nnunetv2.run.load_pretrained_weights`` by its module-global
+    name, so that name is rebound in ``nnunetv2.run.run_training`` (looked up at call time; trainer
+    modules are imported before it runs, in the DDP workers too). ``nnunet_loader`` is nnU-Net's own
+    function, for the networks the loader leaves to it. Idempotent."""
+    import nnunetv2.run.run_training as run_training
+
+    current = run_training.load_pretrained_weights
+    if getattr(current, "nnunet_ext_loader", None) is loader:
+        return
+    nnunet_loader = getattr(current, "nnunet_loader", current)
+
+    def load_pretrained_weights(network, fname, verbose=False):
+        return loader(network, fname, verbose, nnunet_loader)
+
+    load_pretrained_weights.nnunet_ext_loader, load_pretrained_weights.nnunet_loader = loader, nnunet_loader
+    run_training.load_pretrained_weights = load_pretrained_weights
+
+
+def network_as_trainer_builds_it(trainer_class, plans: dict, dataset_json: dict, configuration: str,
+                                 meta: bool = False):
+    """The network nnU-Net's predictor builds for a model folder (``initialize_from_trained_model_folder``):
+    ``trainer_class.build_network_architecture`` for the plans' configuration, the dataset's input channels
+    and segmentation heads, deep supervision off; on the meta device with ``meta`` (no memory, no init)."""
+    import torch
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    plans_manager = PlansManager(plans)
+    configuration_manager = plans_manager.get_configuration(configuration)
+    input_channels = determine_num_input_channels(plans_manager, configuration_manager, dataset_json)
+    output_channels = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        return trainer_class.build_network_architecture(plans_manager, configuration_manager, input_channels,
+                                                        output_channels, enable_deep_supervision=False)

@@ -151,6 +151,7 @@ def trainer_uses_unlabeled_data(name: str) -> bool:
 
 
 def run_demo(settings: DemoSettings) -> DemoResult:
+    from nnunet_ext.datasets.figures import save_prediction_figure
     from nnunet_ext.datasets.synthetic import SyntheticSpec, write_synthetic_dataset
 
     workdir = prepare_workdir(settings.workdir)
@@ -168,7 +169,8 @@ def run_demo(settings: DemoSettings) -> DemoResult:
         if trainer_is_universal(settings.trainer):
             step.total = 5
             dice, summary_json, figure, model, predictions = run_universal_demo(
-                settings, workdir, env, step, device, planner_for(device), processes)
+                settings, workdir, env, step, device, planner_for(device), processes, DEMO_DATASET_ID,
+                DEMO_CONFIGURATION)
             result = DemoResult(workdir, dice, summary_json, figure, model / "fold_0" / "progress.png", predictions)
             print_report(result)
             return result
@@ -211,7 +213,7 @@ def run_demo(settings: DemoSettings) -> DemoResult:
         dice = dice_per_class(summary, dataset_json["labels"])
 
         step("Writing the figure")
-        figure = write_demo_figure(raw, predictions, dataset_json, workdir / "demo_figure.png", summary)
+        figure = save_prediction_figure(raw, predictions, dataset_json, workdir / "demo_figure.png", summary)
 
     result = DemoResult(workdir, dice, summary_json, figure, model / "fold_0" / "progress.png", predictions)
     print_report(result)
@@ -223,32 +225,6 @@ def dice_per_class(summary: dict, labels: dict[str, int]) -> dict[str, float]:
     names = {str(value): name for name, value in labels.items()}
     return {names.get(str(key), str(key)): float(metrics["Dice"])
             for key, metrics in summary["mean"].items() if str(key) in names}
-
-
-def _read_array(path: Path):
-    import SimpleITK as sitk
-
-    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
-
-
-def write_demo_figure(raw: Path, predictions: Path, dataset_json: dict, out_png: Path, summary: dict) -> Path:
-    from nnunet_ext.datasets.figures import save_overlay_figure
-
-    ending = dataset_json["file_ending"]
-    class_names = {value: name for name, value in dataset_json["labels"].items() if value != 0}
-    per_case = {Path(case["prediction_file"]).name: case["metrics"] for case in summary["metric_per_case"]}
-    cases = []
-    for prediction_file in sorted(predictions.glob(f"*{ending}")):
-        case_id = prediction_file.name[: -len(ending)]
-        metrics = per_case.get(prediction_file.name, {})
-        cases.append({
-            "name": case_id,
-            "image": _read_array(raw / "imagesTs" / f"{case_id}_0000{ending}"),
-            "reference": _read_array(raw / "labelsTs" / f"{case_id}{ending}"),
-            "prediction": _read_array(prediction_file),
-            "dice": {class_names[int(k)]: float(v["Dice"]) for k, v in metrics.items() if int(k) in class_names},
-        })
-    return save_overlay_figure(cases, out_png, class_names)
 
 
 def dice_table(dice: dict[str, float]) -> str:

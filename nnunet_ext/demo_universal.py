@@ -5,6 +5,8 @@ the synthetic partially labelled family (liver+kidney with 1 channel, liver+sple
 kidney+spleen with 4), merges it with the merge tool, plans and preprocesses the merged dataset
 with nnU-Net, trains fold 0, then predicts each source dataset's held-out cases as its task
 (``nnunet-ext predict --task``'s code path) and evaluates them against that dataset's own labels.
+
+:mod:`nnunet_ext.demo` calls it (with its dataset id and configuration); nothing here imports that module.
 """
 from __future__ import annotations
 
@@ -16,10 +18,14 @@ DEMO_SOURCE_IDS = (991, 992, 993)
 DEMO_MERGED_NAME = "DemoUniversal"
 
 
-def run_universal_demo(settings, workdir, env, step, device, planner, processes: int):
+def run_universal_demo(settings, workdir, env, step, device, planner, processes: int, dataset_id: int,
+                       configuration: str):
+    """The universal demo's steps into ``workdir`` (merged dataset ``dataset_id``, ``configuration``); returns
+    the Dice per task and label, the first task's summary.json, the figure, the model folder and the
+    predictions folder."""
+    from nnunet_ext.datasets.figures import save_prediction_figure
     from nnunet_ext.datasets.multi_dataset import write_multi_dataset
     from nnunet_ext.datasets.synthetic import SyntheticSpec
-    from nnunet_ext.demo import DEMO_CONFIGURATION, DEMO_DATASET_ID, write_demo_figure
     from nnunet_ext.tasks.merge import merge_datasets
     from nnunet_ext.tasks.predict import predict_task
     from nnunet_ext.tasks.task_map import TaskMap
@@ -28,18 +34,18 @@ def run_universal_demo(settings, workdir, env, step, device, planner, processes:
     spec = SyntheticSpec(num_training=settings.num_training, num_test=settings.num_test, shape=settings.shape,
                          seed=settings.seed)
     sources = write_multi_dataset(env["nnUNet_raw"], DEMO_SOURCE_IDS, spec)
-    merged = merge_datasets(env["nnUNet_raw"], list(DEMO_SOURCE_IDS), DEMO_DATASET_ID, DEMO_MERGED_NAME)
+    merged = merge_datasets(env["nnUNet_raw"], list(DEMO_SOURCE_IDS), dataset_id, DEMO_MERGED_NAME)
     task_map = TaskMap.from_dataset_json(merged.folder / "dataset.json")
     print(f"Merged {len(task_map)} tasks into {merged.folder}: {', '.join(task_map.names)}")
 
     step(f"Planning and preprocessing the merged dataset ({planner.__name__})")
-    compat.extract_fingerprint(DEMO_DATASET_ID, processes, check_integrity=True, overwrite=True)
-    plans = compat.plan_dataset(DEMO_DATASET_ID, planner)
-    compat.preprocess(DEMO_DATASET_ID, plans, [DEMO_CONFIGURATION], processes)
+    compat.extract_fingerprint(dataset_id, processes, check_integrity=True, overwrite=True)
+    plans = compat.plan_dataset(dataset_id, planner)
+    compat.preprocess(dataset_id, plans, [configuration], processes)
 
     step(f"Training fold 0 with {settings.trainer} on {device.type}")
-    compat.train(DEMO_DATASET_ID, DEMO_CONFIGURATION, 0, settings.trainer, plans, device)
-    model = compat.trained_model_folder(DEMO_DATASET_ID, settings.trainer, plans, DEMO_CONFIGURATION)
+    compat.train(dataset_id, configuration, 0, settings.trainer, plans, device)
+    model = compat.trained_model_folder(dataset_id, settings.trainer, plans, configuration)
 
     step("Predicting each source dataset's test cases as its task (nnunet-ext predict --task)")
     dice, summaries, first = {}, {}, None
@@ -58,9 +64,10 @@ def run_universal_demo(settings, workdir, env, step, device, planner, processes:
         first = first or (source, predictions, summary)
 
     step("Writing the figure (first task)")
+    assert first is not None, "the merged dataset has no task"
     source, predictions, summary = first
     dataset_json = json.loads((source / "dataset.json").read_text())
-    figure = write_demo_figure(source, predictions, dataset_json, workdir / "demo_figure.png", summary)
+    figure = save_prediction_figure(source, predictions, dataset_json, workdir / "demo_figure.png", summary)
     return dice, summaries[task_map.names[0]], figure, model, workdir / "predictions"
 
 

@@ -13,13 +13,12 @@ in one message naming the file, the problem and the fix:
 - an image of another dimensionality than the dataset's (2D in a 3D dataset, or the reverse);
 - channels or a label whose shape, spacing or direction disagree with the case's first channel;
 - labels that are not whole numbers or not among the dataset's label values.
+
+Files are decoded through :mod:`nnunet_ext.image_io`, the one image I/O path.
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import os
-import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from nnunet_ext import image_io
 from nnunet_ext.errors import UserFacingError
 
 #: nnU-Net marks the missing axis of a 2D image with a spacing of 999 x the largest real spacing
@@ -44,31 +44,10 @@ class ImageInfo:
     spatial_dims: int             # 2 or 3
 
 
-def reader_for(dataset_json: dict | None, example_file: str | os.PathLike):
-    """The reader/writer instance nnU-Net would use for this dataset (or, without one, this file)."""
-    from nnunet_ext import compat
-
-    return compat.image_reader_writer(dataset_json, os.fspath(example_file))
-
-
-@contextlib.contextmanager
-def silenced():
-    """Silence stdout/stderr at the file-descriptor level: nnU-Net's readers print diagnostics and ITK's
-    C++ readers write to fd 2 before failing; our one-line message replaces them."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = [os.dup(1), os.dup(2)]
-    null = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(null, 1)
-        os.dup2(null, 2)
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            yield
-    finally:
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        for descriptor in (*saved, null):
-            os.close(descriptor)
+#: the reader/writer instance nnU-Net would use for a dataset (or, without one, a file): image_io's
+reader_for = image_io.reader_writer
+#: stdout/stderr silenced at the file-descriptor level while a reader runs (image_io's)
+silenced = image_io.silenced
 
 
 def verify_gzip_stream(path: Path, chunk: int = 1 << 22) -> str | None:
@@ -124,8 +103,7 @@ def read_image(path: str | os.PathLike, reader, *, what: str = "image") -> tuple
         if problem:
             raise UserFacingError(f"{path}: {what} cannot be decoded: {problem}. Re-export or re-download it.")
     try:
-        with silenced():
-            data, properties = reader.read_images((os.fspath(path),))
+        data, properties = image_io.read_images([path], reader)
     except Exception as error:  # the readers raise RuntimeError, OSError, EOFError, zlib/gzip errors, ...
         raise UserFacingError(f"{path}: {what} cannot be decoded (truncated, corrupt or not an image: "
                               f"{reader_complaint(error)}). Re-export or re-download it.") from None

@@ -6,6 +6,12 @@ state dict in it, renames the official parameter names to ours with the network'
 ``from_official_state_dict`` (``paper_network(NAME, conventions="official")``), verifies a strict
 load, and writes ``{"network_weights": ...}``, the checkpoint layout nnU-Net v2's
 ``-pretrained_weights`` loader (``nnunetv2/run/load_pretrained_weights.py``) reads, atomically.
+SurgicalSAM (ClassSAM) saves only what it trains; the frozen SAM image encoder comes from the SAM
+checkpoint it started from (:func:`class_sam_state`), and the network's configuration (SAM type,
+classes, tokens) is read from the two files. :func:`write_model_folder` turns the imported
+weights into a trained-model folder (plans, dataset.json, ``fold_0/checkpoint_final.pth``) for
+``nnUNetv2_predict`` and ``nnunet-ext predict --task``, after checking that the trainer builds,
+from those plans, exactly the network the weights belong to.
 
 Checkpoints from the internet are untrusted: they are read with ``torch.load(weights_only=True)``
 and an explicit allow-list (:data:`ALLOWED_GLOBALS`) of the only non-tensor types the official
@@ -59,7 +65,18 @@ OFFICIAL_FORMATS: dict[str, OfficialFormat] = {
     "TransDoDNet": OfficialFormat("github.com/jianpengz/DoDNet", "TransDoD/train.py",
                                   "dict {'state_dict', 'optimizer', 'epoch'(, 'amp')} (checkpoint.pth), keys under "
                                   "'ResCNN_DeformTR.'; 'module.' prefixes when trained on several GPUs"),
+    "ClassSAM": OfficialFormat("github.com/wenxi-yue/SurgicalSAM",
+                               "surgicalSAM/train.py: torch.save({...}, 'model_ckp.pth') at the best validation epoch",
+                               "dict of three state dicts: 'prototype_prompt_encoder_state_dict' "
+                               "(Prototype_Prompt_Encoder), 'sam_decoder_state_dict' (SAM's MaskDecoder), "
+                               "'prototypes_state_dict' (Learnable_Prototypes); the frozen SAM image encoder and "
+                               "positional encoding are not saved: they come from the SAM checkpoint it started "
+                               "from (--sam-checkpoint, e.g. sam_vit_h_4b8939.pth)"),
 }
+#: the three state dicts of SurgicalSAM's model_ckp.pth; the SAM checkpoint's parts ClassSAM takes from it
+SURGICAL_SAM_PARTS: tuple[str, ...] = ("prototype_prompt_encoder_state_dict", "sam_decoder_state_dict",
+                                       "prototypes_state_dict")
+SAM_FROZEN_PARTS: tuple[str, ...] = ("image_encoder.", "prompt_encoder.pe_layer.")
 
 #: Keys under which a training script keeps the state dict, in the order they are looked for.
 STATE_DICT_KEYS: tuple[str, ...] = ("state_dict", "model", "net", "network", "model_state_dict", "state")
@@ -180,9 +197,14 @@ def official_network(name: str):
     import torch
 
     from nnunet_ext.architectures import paper_network
+    from nnunet_ext.registry import import_object, paper_networks
 
     with torch.device("meta"):
-        return paper_network(name, "official")
+        network = paper_network(name, "official")
+        if getattr(network, "conventions", "official") != "official":
+            # a registry entry whose official_kwargs do not name the builder's ``conventions`` (ClassSAM's)
+            network = import_object(paper_networks()[name].builder)(conventions="official")
+        return network
 
 
 @lru_cache(maxsize=None)
@@ -208,6 +230,7 @@ class Imported:
     key_map: dict[str, str]  # ours -> official
     parameters: int
     groups: list[tuple[str, str, int]] = field(default_factory=list)  # (official prefix, our prefix, tensors)
+    network_kwargs: dict = field(default_factory=dict)  # settings read from the files (ClassSAM's)
 
 
 def _common_prefix(keys: list[str]) -> str:
@@ -242,10 +265,11 @@ def _finite(tensor) -> bool:
     return bool(torch.isfinite(storage).all())
 
 
-def map_to_ours(name: str, state_dict: dict, path: Path):
+def map_to_ours(name: str, state_dict: dict, path: Path, network=None):
     """(meta network loaded with the weights, our state dict, key map) or a UserFacingError naming
-    the wrong method or the missing, unexpected and mis-shaped tensors."""
-    network = official_network(name)
+    the wrong method or the missing, unexpected and mis-shaped tensors. ``network``: the official
+    network to map onto (default: the paper configuration's)."""
+    network = official_network(name) if network is None else network
     key_map = network.official_key_map()
     try:
         ours = network.from_official_state_dict(state_dict)
@@ -278,6 +302,88 @@ def map_to_ours(name: str, state_dict: dict, path: Path):
     return network, ours, key_map
 
 
+# ------------------------------------------------------------------------------------------ ClassSAM
+
+
+def _state_dicts_listing(content: Any) -> str:
+    return ", ".join(repr(k) for k in list(content)[:8]) if isinstance(content, Mapping) else type(content).__name__
+
+
+def _other_network(content: Any) -> str | None:
+    """The network whose official weights ``content`` holds in one of the usual containers, if any."""
+    try:
+        state_dict, _ = find_state_dict(content, Path("."))
+    except UserFacingError:
+        return None
+    return network_with_keys(set(strip_wrappers(state_dict)[0]))
+
+
+def class_sam_state(content: Any, path: Path, sam_checkpoint: str | os.PathLike | None) -> tuple[dict, str, list]:
+    """The official ClassSAM state dict (module docstring of ``architectures/class_sam.py``): SurgicalSAM's
+    three state dicts, flattened under their names, plus the SAM checkpoint's frozen image encoder and
+    positional encoding. Returns (state, container description, removed prefixes)."""
+    if not isinstance(content, Mapping) or \
+            not all(isinstance(content.get(part), Mapping) for part in SURGICAL_SAM_PARTS):
+        other = _other_network(content)
+        if other is not None:
+            raise UserFacingError(f"{path} holds {other} weights, not SurgicalSAM's: import it as {other}: "
+                                  f"nnunet-ext import-weights {other} {path} -o ...")
+        raise UserFacingError(f"{path} is not a SurgicalSAM checkpoint: its model_ckp.pth holds the state dicts "
+                              f"{', '.join(SURGICAL_SAM_PARTS)}; this file holds {_state_dicts_listing(content)}")
+    if sam_checkpoint is None:
+        raise UserFacingError(f"ClassSAM needs --sam-checkpoint: SurgicalSAM's {path.name} holds only what it trains "
+                              f"(prototypes, prompt encoder, mask decoder); the frozen image encoder comes from the "
+                              f"SAM checkpoint it started from (sam_vit_h_4b8939.pth for the released models)")
+    state, removed = {}, []
+    for part in SURGICAL_SAM_PARTS:
+        if not _is_state_dict(content[part]):
+            raise UserFacingError(f"{path}: '{part}' is not a state dict (a dict of tensors)")
+        weights, stripped = strip_wrappers(dict(content[part]))
+        removed += [prefix for prefix in stripped if prefix not in removed]
+        state.update({f"{part}.{key}": value for key, value in weights.items()})
+    sam_path = Path(sam_checkpoint)
+    sam_state, _ = find_state_dict(read_checkpoint(sam_path), sam_path)
+    sam_state, _ = strip_wrappers(sam_state)
+    frozen = {key: value for key, value in sam_state.items() if key.startswith(SAM_FROZEN_PARTS)}
+    if not any(key.startswith("image_encoder.") for key in frozen):
+        raise UserFacingError(f"--sam-checkpoint {sam_path} is not a SAM checkpoint: it has no image_encoder.* "
+                              f"weights (expected e.g. sam_vit_h_4b8939.pth from github.com/facebookresearch/"
+                              f"segment-anything)")
+    state.update(frozen)
+    container = (f"SurgicalSAM model_ckp.pth ({', '.join(SURGICAL_SAM_PARTS)}) + the image encoder and positional "
+                 f"encoding of the SAM checkpoint {sam_path}")
+    return state, container, removed
+
+
+def class_sam_network(state: Mapping, path: Path):
+    """ClassSAM (official conventions, meta device) in the configuration the files hold: SAM type from the
+    encoder, classes from the prototypes, tokens and hidden widths from the prompt encoder; and its settings."""
+    import torch
+
+    from nnunet_ext.architectures.class_sam import SAM_SPECS, ClassSAM, checkpoint_model_type
+
+    try:
+        model_type = checkpoint_model_type(state)
+    except KeyError as error:
+        raise UserFacingError(f"the SAM checkpoint for {path} lacks {error}; is it a whole SAM checkpoint?") from None
+    if model_type not in SAM_SPECS:
+        raise UserFacingError(f"the SAM checkpoint for {path} holds {model_type}; ClassSAM builds "
+                              f"{', '.join(SAM_SPECS)}")
+
+    def rows(key: str, default: int) -> int:  # absent or odd tensors are named by map_to_ours
+        value = state.get(key)
+        return int(value.shape[0]) if value is not None and value.ndim >= 1 else default
+
+    encoder = "prototype_prompt_encoder_state_dict"
+    settings = {"sam_model_type": model_type, "num_tokens": rows(f"{encoder}.sparse_fc_2.weight", 2),
+                "hidden_dim_dense": rows(f"{encoder}.dense_fc_1.weight", 128),
+                "hidden_dim_sparse": rows(f"{encoder}.sparse_fc_1.weight", 128), "conventions": "official"}
+    classes = rows("prototypes_state_dict.class_embeddings.weight", 7) + 1
+    with torch.device("meta"):
+        network = ClassSAM(input_channels=3, num_classes=classes, **settings)
+    return network, {"num_classes": classes, **settings}
+
+
 # ------------------------------------------------------------------------------------------ writing
 
 
@@ -299,36 +405,176 @@ def _check_output(output: Path, source: Path, force: bool) -> None:
             raise UserFacingError(f"output {output} exists; nothing was written. Pass --force to replace it")
 
 
-def import_weights(name: str, checkpoint: str | os.PathLike, output: str | os.PathLike,
-                   force: bool = False) -> Imported:
-    """Read an official checkpoint of network ``name``, map it to ours, write ``output`` (atomic)."""
-    import torch
-
+def convert(name: str, checkpoint: str | os.PathLike,
+            sam_checkpoint: str | os.PathLike | None = None) -> tuple[dict, Imported]:
+    """Read and map an official checkpoint: (the nnU-Net v2 checkpoint to write, the report without output)."""
     from nnunet_ext import __version__
-    from nnunet_ext.atomic_io import write_with
 
     _check_name(name)
-    source, output = Path(checkpoint), Path(output)
-    _check_output(output, source, force)
+    source = Path(checkpoint)
+    if sam_checkpoint is not None and name != "ClassSAM":
+        raise UserFacingError(f"--sam-checkpoint is for ClassSAM only; {name}'s official checkpoint holds every weight")
     content = read_checkpoint(source)
-    state_dict, container = find_state_dict(content, source)
-    state_dict, removed = strip_wrappers(state_dict)
-    network, ours, key_map = map_to_ours(name, state_dict, source)
+    network, settings = None, {}
+    if name == "ClassSAM":
+        state_dict, container, removed = class_sam_state(content, source, sam_checkpoint)
+        network, settings = class_sam_network(state_dict, source)
+    else:
+        state_dict, container = find_state_dict(content, source)
+        state_dict, removed = strip_wrappers(state_dict)
+    network, ours, key_map = map_to_ours(name, state_dict, source, network)
     parameters = sum(p.numel() for p in network.parameters())
-    checkpoint_content = {
-        "network_weights": OrderedDict(ours),
-        "nnunet_ext_import": {
-            "network": name, "conventions": "official", "source": str(source.resolve()),
-            "source_sha256": _sha256(source), "container": container, "removed_prefixes": list(removed),
-            "tensors": len(set(key_map.values())), "parameters": int(parameters),
-            "official_repository": OFFICIAL_FORMATS[name].repository, "nnunet_ext_version": __version__,
-        },
+    info = {
+        "network": name, "conventions": "official", "source": str(source.resolve()),
+        "source_sha256": _sha256(source), "container": container, "removed_prefixes": list(removed),
+        "tensors": len(set(key_map.values())), "parameters": int(parameters),
+        "official_repository": OFFICIAL_FORMATS[name].repository, "nnunet_ext_version": __version__,
     }
-    _check_output(output, source, force)  # again: the read may have taken a while
+    if sam_checkpoint is not None:
+        info.update(sam_checkpoint=str(Path(sam_checkpoint).resolve()), num_classes=settings["num_classes"],
+                    network_settings={key: value for key, value in settings.items() if key != "num_classes"})
+    content = {"network_weights": OrderedDict(ours), "nnunet_ext_import": info}
+    return content, Imported(name, source, Path(), container, removed, key_map, int(parameters), _groups(key_map),
+                             settings)
+
+
+def _write_checkpoint(content: dict, output: Path) -> None:
+    import torch
+
+    from nnunet_ext.atomic_io import write_with
+
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        write_with(output, lambda temporary: torch.save(checkpoint_content, temporary))
+        write_with(output, lambda temporary: torch.save(content, temporary))
     except OSError as error:
         reason = error.strerror or _short(error)
         raise UserFacingError(f"cannot write {output}: {reason}; nothing was written") from None
-    return Imported(name, source, output, container, removed, key_map, int(parameters), _groups(key_map))
+
+
+def import_weights(name: str, checkpoint: str | os.PathLike, output: str | os.PathLike,
+                   force: bool = False, sam_checkpoint: str | os.PathLike | None = None) -> Imported:
+    """Read an official checkpoint of network ``name``, map it to ours, write ``output`` (atomic).
+    ``sam_checkpoint``: ClassSAM only, the SAM checkpoint SurgicalSAM was trained from."""
+    source, output = Path(checkpoint), Path(output)
+    _check_output(output, source, force)
+    content, imported = convert(name, source, sam_checkpoint)
+    _check_output(output, source, force)  # again: the read may have taken a while
+    _write_checkpoint(content, output)
+    imported.output = output
+    return imported
+
+
+# ------------------------------------------------------------------------------------------ model folder
+
+
+#: what nnUNetTrainer sets as ``inference_allowed_mirroring_axes`` (test-time mirroring), by patch dimension
+DEFAULT_MIRRORING = {2: (0, 1), 3: (0, 1, 2)}
+
+
+def _read_json(path: str | os.PathLike, what: str) -> dict:
+    import json
+
+    try:
+        content = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserFacingError(f"{what} {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserFacingError(f"{what} {path} cannot be read as JSON ({_short(error)})") from None
+    if not isinstance(content, dict):
+        raise UserFacingError(f"{what} {path} holds a {type(content).__name__}, not a JSON object")
+    return content
+
+
+def trainer_class_named(name: str):
+    """A trainer class by name: ours from the registry (cheap), others by nnU-Net's own search."""
+    from nnunet_ext import compat
+    from nnunet_ext.registry import import_object, trainer_paths
+
+    if name in trainer_paths():
+        return import_object(trainer_paths()[name])
+    found = compat.find_trainer_class(name)
+    if found is None:
+        raise UserFacingError(f"unknown trainer {name!r}: neither nnunet-ext's (nnunet-ext list) nor nnU-Net's")
+    return found
+
+
+def plans_as_trainer_saves_them(plans: dict, dataset_json: dict, trainer_class) -> dict:
+    """``plans`` with what the trainer's constructor adds before nnU-Net copies them into a model folder:
+    a universal trainer's task map (``nnunet_ext_tasks``, from the merged dataset.json), which its
+    network is built from at inference."""
+    from nnunet_ext.tasks.task_map import TaskMap, TaskMapError
+    from nnunet_ext.trainers.universal import TASKS_PLANS_KEY, nnUNetUniversalTrainer
+
+    if not issubclass(trainer_class, nnUNetUniversalTrainer):
+        return plans
+    try:
+        task_map = TaskMap.from_dataset_json(dataset_json)
+    except TaskMapError as error:
+        raise UserFacingError(f"{trainer_class.__name__} predicts on a merged dataset: --dataset-json {error}") \
+            from None
+    return {**plans, TASKS_PLANS_KEY: task_map.to_dict()}
+
+
+def check_fits_trainer_network(content: dict, plans: dict, dataset_json: dict, configuration: str,
+                               trainer: str) -> None:
+    """Refuse (one line) unless ``trainer`` builds from ``plans``/``dataset_json`` exactly the network the
+    weights belong to, in the official conventions: prediction cannot re-initialise a head."""
+    from nnunet_ext import compat
+    from nnunet_ext.pretrained import mismatch_message, plan_transfer, refuse_unofficial
+
+    trainer_class = trainer_class_named(trainer)
+    try:
+        network = compat.network_as_trainer_builds_it(trainer_class, plans, dataset_json, configuration, meta=True)
+    except UserFacingError:
+        raise
+    except Exception as error:  # an unknown trainer, a configuration the plans lack, plans the trainer refuses
+        raise UserFacingError(f"{trainer} cannot build its network from these plans ({configuration}): "
+                              f"{_short(error)}") from None
+    refuse_unofficial("the imported checkpoint", network, content)
+    transfer = plan_transfer(network.state_dict(), content["network_weights"], ())
+    if not transfer.fits:
+        text = mismatch_message("(imported)", network, transfer, ())
+        raise UserFacingError(text.replace(" Only the head () may differ (it is re-initialised);", " For prediction "
+                                           "the head must fit too (the dataset's labels are the checkpoint's);"))
+
+
+def write_model_folder(content: dict, folder: str | os.PathLike, plans_file: str | os.PathLike,
+                       dataset_json_file: str | os.PathLike, configuration: str, trainer: str,
+                       force: bool = False) -> Path:
+    """A trained-model folder from imported weights: ``plans.json``, ``dataset.json`` and
+    ``fold_0/checkpoint_final.pth`` (what nnU-Net's predictor reads: network weights, trainer name,
+    configuration, mirroring axes). Checked first (:func:`check_fits_trainer_network`), built in a
+    staging folder and moved into place; an existing folder is replaced only with ``force``."""
+    import torch
+
+    from nnunet_ext.atomic_io import staged_folder, write_json
+
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserFacingError(f"--model-folder {folder} is a file; give a folder")
+    if folder.exists() and not force:
+        raise UserFacingError(f"--model-folder {folder} exists; nothing was written. Pass --force to replace it")
+    plans, dataset_json = _read_json(plans_file, "--plans"), _read_json(dataset_json_file, "--dataset-json")
+    if configuration not in plans.get("configurations", {}):
+        raise UserFacingError(f"--plans {plans_file} has no configuration {configuration!r} (it has "
+                              f"{', '.join(plans.get('configurations', {})) or 'none'}); choose one with -c")
+    plans = plans_as_trainer_saves_them(plans, dataset_json, trainer_class_named(trainer))
+    check_fits_trainer_network(content, plans, dataset_json, configuration, trainer)
+    patch = plans["configurations"][configuration].get("patch_size") or []
+    checkpoint = {
+        "network_weights": content["network_weights"], "trainer_name": trainer,
+        "init_args": {"plans": plans, "configuration": configuration, "fold": 0, "dataset_json": dataset_json,
+                      "device": torch.device("cpu")},
+        "inference_allowed_mirroring_axes": DEFAULT_MIRRORING.get(len(patch)), "current_epoch": 0,
+        "nnunet_ext_import": content["nnunet_ext_import"],
+    }
+    try:
+        with staged_folder(folder, replace=force) as staging:
+            write_json(staging / "plans.json", plans, sort_keys=False)
+            write_json(staging / "dataset.json", dataset_json, sort_keys=False)
+            (staging / "fold_0").mkdir()
+            torch.save(checkpoint, staging / "fold_0" / "checkpoint_final.pth")
+    except OSError as error:
+        reason = error.strerror or _short(error)
+        raise UserFacingError(f"cannot write {folder}: {reason}; nothing was written") from None
+    return folder

@@ -56,7 +56,8 @@ METHODS: tuple[Method, ...] = (
     Method(
         key="cotr",
         title="CoTr",
-        paper="Xie et al., CoTr: Efficiently Bridging CNN and Transformer for 3D Medical Image Segmentation, MICCAI 2021",
+        paper="Xie et al., CoTr: Efficiently Bridging CNN and Transformer for 3D Medical Image Segmentation, "
+              "MICCAI 2021",
         trainers=("nnunet_ext.trainers.cotr:CoTrTrainer",),
         planners=("nnunet_ext.plans.cotr:CoTrPlanner",),
         networks=(PaperNetwork("CoTr", "nnunet_ext.architectures.cotr:paper_cotr", 41_872_504,

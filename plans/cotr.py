@@ -47,8 +47,8 @@ from copy import deepcopy
 from typing import Callable, List, Sequence, Tuple, Union
 
 import numpy as np
-from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
-from nnunetv2.experiment_planning.experiment_planners.network_topology import pad_shape
+
+from nnunet_ext import compat
 
 COTR_PLANS = "nnUNetPlans_CoTr"
 COTR_CLASS_NAME = "nnunet_ext.architectures.cotr.CoTr"
@@ -139,7 +139,7 @@ def cotr_patch_size(spacing: Sequence[float], median_shape: Sequence[float],
 
     def topology(candidate):
         strides = cotr_strides(spacing, candidate, n_stages, min_edge)
-        return [int(p) for p in pad_shape(candidate, total_stride(strides))], strides
+        return [int(p) for p in compat.pad_shape(candidate, total_stride(strides))], strides
 
     patch, strides = topology(initial)
     while not fits(tuple(patch), strides):
@@ -162,7 +162,7 @@ def cotr_patch_size(spacing: Sequence[float], median_shape: Sequence[float],
     return tuple(patch), strides
 
 
-class CoTrPlanner(ExperimentPlanner):
+class CoTrPlanner(compat.experiment_planner_class()):
     """nnU-Net's ExperimentPlanner with a CoTr ``3d_fullres`` configuration (see the module docstring)."""
 
     # CoTr widths, depths and transformer (paper / BCV); JSON-able, copied into arch_kwargs.

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from typing import List, Tuple, Union
 
-from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+from nnunet_ext import compat
+
 
 CPU_DEMO_PLANS = "nnUNetPlans_CPUDemo"
 
 
-class CPUDemoPlanner(ExperimentPlanner):
+class CPUDemoPlanner(compat.experiment_planner_class()):
     def __init__(self, dataset_name_or_id: Union[str, int], gpu_memory_target_in_gb: float = 8,
                  preprocessor_name: str = "DefaultPreprocessor", plans_name: str = CPU_DEMO_PLANS,
                  overwrite_target_spacing: Union[List[float], Tuple[float, ...]] = None,

@@ -138,3 +138,81 @@ def test_stock_train_continue_flag_resumes_where_it_stopped(nnunet_root):
     assert final["current_epoch"] == 2
     assert len(final["logging"]["train_losses"]) == 2, "the resumed run should append to the first run's log"
     assert "num_epochs = 2" in second.stdout
+
+
+# --- the data seam: one get_dataloaders, configured by hooks ----------------------------------------
+
+class _SeamTrainer(nnUNetExtTrainer):
+    """Overrides a data hook without changing it, so the base's own get_dataloaders runs instead of nnU-Net's."""
+
+    def training_batches(self, dataset, transforms, initial_patch_size, num_processes):
+        return super().training_batches(dataset, transforms, initial_patch_size, num_processes)
+
+
+def _first_batches(trainer) -> list[dict]:
+    import random
+
+    import numpy as np
+
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    train, validation = trainer.get_dataloaders()  # draws one batch of each, as nnU-Net's
+    return [next(train), next(train), next(validation)]
+
+
+def test_the_data_seam_with_default_hooks_gives_nnunets_own_batches(nnunet_root, monkeypatch):
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")  # in-process augmentation: the seeds decide every batch
+    ours = _make_trainer(nnunet_root, _SeamTrainer, monkeypatch)
+    nnunet = _make_trainer(nnunet_root, nnUNetExtTrainer, monkeypatch)
+    assert ours.configures_data() and not nnunet.configures_data()
+    for trainer in (ours, nnunet):
+        trainer.initialize()
+    for a, b in zip(_first_batches(ours), _first_batches(nnunet)):
+        assert list(a["keys"]) == list(b["keys"])
+        assert torch.equal(a["data"], b["data"])
+        assert all(torch.equal(x, y) for x, y in zip(a["target"], b["target"]))  # deep-supervision list
+
+
+def test_methods_configure_the_seam_instead_of_overriding_get_dataloaders():
+    from nnunet_ext.registry import import_object, trainer_paths
+    from nnunet_ext.trainers.semi_supervised import nnUNetSemiSupervisedTrainer
+
+    classes = [import_object(path) for path in trainer_paths().values()] + [nnUNetSemiSupervisedTrainer]
+    assert all(cls.get_dataloaders is nnUNetExtTrainer.get_dataloaders for cls in classes)
+    configured = {cls.__name__ for cls in classes if nnUNetExtTrainer.configures_data(object.__new__(cls))}
+    assert configured == {"nnUNetUniversalTrainer", "UniSegTrainer", "DoDNetTrainer", "TransDoDNetTrainer",
+                          "nnUNetSemiSupervisedTrainer", "MCNetPlusTrainer", "LeFeDTrainer", "ClassSAMTrainer"}
+
+
+# --- region-based datasets: one refusal ---------------------------------------------------------------
+
+class _Labels:
+    def __init__(self, has_regions: bool):
+        self.has_regions = has_regions
+
+
+@pytest.mark.parametrize("module, name", [("mcnet", "MCNetPlusTrainer"), ("lefed", "LeFeDTrainer")])
+def test_region_based_datasets_are_refused_in_one_line_naming_the_trainer(module, name):
+    import importlib
+
+    cls = getattr(importlib.import_module(f"nnunet_ext.trainers.{module}"), name)
+    trainer = object.__new__(cls)
+    trainer.label_manager = _Labels(True)
+    with pytest.raises(UserFacingError, match=rf"^{name} does not support region-based datasets \(dataset.json "
+                                              rf"'regions'\): .*softmax-based\. Train it on a dataset with plain "
+                                              rf"labels") as raised:
+        trainer.initialize()
+    assert "\n" not in str(raised.value)
+    trainer.label_manager = _Labels(False)
+    trainer.refuse_regions("unused")  # plain labels pass
+
+
+def test_the_region_refusal_is_written_once():
+    """Trainer modules ask ``refuse_regions``; only the base (and BA-Net, which trains on regions) read
+    ``has_regions``."""
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "trainers"
+    readers = sorted(p.name for p in folder.glob("*.py") if "has_regions" in p.read_text())
+    assert readers == ["banet.py", "base.py"]
+    callers = sorted(p.name for p in folder.glob("*.py") if "self.refuse_regions(" in p.read_text())
+    assert callers == ["class_sam.py", "lefed.py", "mcnet.py", "universal.py"]

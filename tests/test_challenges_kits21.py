@@ -34,7 +34,8 @@ def test_region_based_dataset_with_labels_copied_unchanged_and_source_untouched(
         source = release / f"case_0000{i}"
         assert (folder / "labelsTr" / f"case_0000{i}.nii.gz").read_bytes() == \
             (source / "aggregated_MAJ_seg.nii.gz").read_bytes()
-        assert (folder / "imagesTr" / f"case_0000{i}_0000.nii.gz").read_bytes() == (source / "imaging.nii.gz").read_bytes()
+        assert (folder / "imagesTr" / f"case_0000{i}_0000.nii.gz").read_bytes() == \
+            (source / "imaging.nii.gz").read_bytes()
     assert tree_digest(release) == before
     out = capsys.readouterr().out
     assert "[4/4]" in out and "4 cases: 4 converted, 0 skipped" in out and "0 failed" in out
@@ -136,9 +137,10 @@ def test_refuses_a_same_named_folder_it_did_not_write(monkeypatch, tmp_path, rel
     assert [p.name for p in foreign.iterdir()] == ["dataset.json"]
 
 
-@pytest.mark.parametrize("challenge, options", [("kits21", ()), ("amos22", ("--task", 2)),
-                                                ("segrap2023", ("--task", "oar")), ("segrap2023", ("--task", "gtv"))])
-def test_nnunet_integrity_checks_accept_every_converted_dataset(monkeypatch, tmp_path, challenge, options):
+@pytest.mark.parametrize("challenge, options, form", [
+    ("kits21", (), {}), ("amos22", ("--task", 2), {}), ("amos22", ("--task", 1), {"first_stage": True}),
+    ("segrap2023", ("--task", "oar"), {}), ("segrap2023", ("--task", "gtv"), {})])
+def test_nnunet_integrity_checks_accept_every_converted_dataset(monkeypatch, tmp_path, challenge, options, form):
     """nnU-Net's own per-case checks (those of --verify_dataset_integrity), in this process: fast, no workers."""
     from nnunetv2.experiment_planning.verify_dataset_integrity import check_cases, verify_labels
     from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
@@ -149,7 +151,8 @@ def test_nnunet_integrity_checks_accept_every_converted_dataset(monkeypatch, tmp
 
     writer = {"kits21": replicas.write_kits21_replica, "amos22": replicas.write_amos22_replica,
               "segrap2023": replicas.write_segrap2023_replica}[challenge]
-    assert convert(monkeypatch, tmp_path / "raw", challenge, writer(tmp_path / "release"), "-d", 311, *options) == 0
+    assert convert(monkeypatch, tmp_path / "raw", challenge, writer(tmp_path / "release", **form), "-d", 311,
+                   *options) == 0
     (folder,) = (p for p in (tmp_path / "raw").iterdir() if not p.name.startswith("."))  # not the run's lock file
     dataset = json.loads((folder / "dataset.json").read_text())
     cases = get_filenames_of_train_images_and_targets(str(folder), dataset)
@@ -170,7 +173,8 @@ def test_nnunet_plans_and_preprocesses_the_converted_region_dataset(tmp_path):
                **{name: str(tmp_path / name) for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")})
     for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         (tmp_path / name).mkdir()
-    converted = subprocess.run([stock_command("nnunet-ext"), "convert", "kits21", str(release), "-d", "310", "-np", "1"],
+    converted = subprocess.run([stock_command("nnunet-ext"), "convert", "kits21", str(release), "-d", "310",
+                                "-np", "1"],
                                env=env, capture_output=True, text=True, timeout=300)
     assert converted.returncode == 0, converted.stdout + converted.stderr
     planned = subprocess.run([stock_command("nnUNetv2_plan_and_preprocess"), "-d", "310", "-c", "3d_fullres",

@@ -22,7 +22,8 @@ def test_oar_task_pairs_the_two_cts_as_channels_and_keeps_the_54_classes(monkeyp
     dataset = json.loads((folder / "dataset.json").read_text())
     assert dataset["channel_names"] == {"0": "CT", "1": "CT"} and dataset["numTraining"] == 2
     assert sorted(dataset["labels"].values()) == list(range(55)) and dataset["labels"]["Brain"] == 1
-    assert dataset["labels"]["TemporalLobe_Hippocampus_L"] == 6 and dataset["labels"]["Trachea"] == 54
+    assert dataset["labels"]["TemporalLobe_Hippocampus_OverLap_L"] == 6 and dataset["labels"]["Trachea"] == 54
+    assert dataset["labels"]["Larynx_PharynxConst_OverLap"] == 51 and dataset["labels"]["PharynxConst"] == 52
     case = release / segrap2023.IMAGE_FOLDER / "segrap_0000"
     assert (folder / "imagesTr" / "segrap_0000_0000.nii.gz").read_bytes() == (case / "image.nii.gz").read_bytes()
     assert (folder / "imagesTr" / "segrap_0000_0001.nii.gz").read_bytes() == \
@@ -49,11 +50,29 @@ def test_oar_composition_covers_the_54_classes_in_the_official_order():
     assert len(composition) == 45
     assert list(composition)[:3] == ["Brain", "BrainStem", "Chiasm"] and list(composition)[-1] == "Trachea"
     assert set().union(*composition.values()) == set(range(1, 55))
+
+
+# The nine classes the release marks as shared by two OARs, letter for letter (see segrap2023's module doc).
+OVERLAP_CLASSES = {6: "TemporalLobe_Hippocampus_OverLap_L", 7: "TemporalLobe_Hippocampus_OverLap_R",
+                   20: "MiddleEar_TympanicCavity_OverLap_L", 21: "MiddleEar_TympanicCavity_OverLap_R",
+                   24: "MiddleEar_VestibulSemi_OverLap_L", 25: "MiddleEar_VestibulSemi_OverLap_R",
+                   30: "MiddleEar_ETbone_OverLap_L", 31: "MiddleEar_ETbone_OverLap_R",
+                   51: "Larynx_PharynxConst_OverLap"}
+
+
+def test_class_names_are_the_releases_and_agree_with_the_composition():
     names = segrap2023.oar_class_names()
-    assert len(set(names.values())) == 54
-    for name, classes in composition.items():  # an OAR made of one class gives that class its name
-        if len(classes) == 1:
-            assert names[classes[0]] == name
+    assert sorted(names) == list(range(1, 55)) and len(set(names.values())) == 54
+    assert {value: name for value, name in names.items() if "OverLap" in name} == OVERLAP_CLASSES
+    composition = segrap2023.OAR_COMPOSITION
+    for value, name in names.items():
+        owners = {oar for oar, classes in composition.items() if value in classes} - {"Brain"}
+        if value in OVERLAP_CLASSES:  # in exactly the two OARs the name joins, on the name's side
+            stem, _, side = name.partition("_OverLap")
+            first, second = stem.split("_")
+            assert owners == {first + side, second + side}, (value, owners)
+        else:  # an OAR's own class carries the OAR's name
+            assert name in composition and value in composition[name], (value, name)
 
 
 def test_channel_geometry_mismatch_and_missing_channel_fail_their_cases(monkeypatch, tmp_path, release, capsys):
@@ -75,3 +94,16 @@ def test_refuses_a_release_without_the_label_folder(monkeypatch, tmp_path, relea
     assert f"{task002} not found" in capsys.readouterr().err
     assert convert(monkeypatch, tmp_path / "raw", "segrap2023", tmp_path, "-d", 334, "--task", "gtv") == 2
     assert "does not look like the SegRap2023 release" in capsys.readouterr().err
+
+
+def test_the_image_archive_unpacked_into_a_folder_of_the_same_name_is_found(monkeypatch, tmp_path, release):
+    """The image archive unpacks into SegRap2023_Training_Set_120cases/ again (see the module doc)."""
+    nested = tmp_path / "nested"
+    outer = nested / segrap2023.IMAGE_FOLDER
+    outer.mkdir(parents=True)
+    (release / segrap2023.IMAGE_FOLDER).rename(outer / segrap2023.IMAGE_FOLDER)
+    (release / (segrap2023.IMAGE_FOLDER + segrap2023.LABELS_SUFFIX)).rename(
+        nested / (segrap2023.IMAGE_FOLDER + segrap2023.LABELS_SUFFIX))
+    assert convert(monkeypatch, tmp_path / "raw", "segrap2023", nested, "-d", 335, "--task", "gtv") == 0
+    folder = tmp_path / "raw" / "Dataset335_SegRap2023GTV"
+    assert json.loads((folder / "dataset.json").read_text())["numTraining"] == 2

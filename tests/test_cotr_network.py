@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from nnunet_ext.architectures.blocks import AXIS_ORDERS
-from nnunet_ext.architectures.cotr import CoTr, WSConv3d, paper_cotr
+from nnunet_ext.architectures.blocks.ws_conv import WSConv3d
+from nnunet_ext.architectures.cotr import CoTr, paper_cotr
 
 SMALL = dict(features=(8, 16, 24, 24), d_model=24, n_heads=4, n_layers=1, d_ffn=48)
 DEFAULT_STRIDES = ((1, 2, 2), (2, 2, 2), (2, 2, 2), (2, 2, 2))  # cumulative (8, 16, 16)

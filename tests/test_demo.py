@@ -8,7 +8,8 @@ import subprocess
 
 import pytest
 
-from nnunet_ext.demo import DEMO_MARKER, dice_per_class, dice_table
+from nnunet_ext.demo import DEMO_MARKER, dice_per_class, dice_table, prepare_workdir
+from nnunet_ext.errors import UserFacingError
 from nnunet_ext.testing.harness import stock_command
 
 
@@ -40,11 +41,65 @@ def check_demo_outputs(result: subprocess.CompletedProcess, workdir) -> dict[str
     return dice
 
 
-def test_short_demo_runs_the_whole_pipeline_and_can_be_rerun_in_place(tmp_path):
+def test_short_demo_runs_the_whole_pipeline(tmp_path):
+    workdir = tmp_path / "demo"
+    check_demo_outputs(run_demo("--workdir", workdir, "--epochs", 1, "--iters", 2), workdir)
+
+
+@pytest.mark.slow
+def test_short_demo_can_be_rerun_in_place(tmp_path):
     workdir = tmp_path / "demo"
     check_demo_outputs(run_demo("--workdir", workdir, "--epochs", 1, "--iters", 2), workdir)
     # a previous demo's folder is accepted again (the user's data check only refuses foreign folders)
     check_demo_outputs(run_demo("--workdir", workdir, "--epochs", 1, "--iters", 1), workdir)
+
+
+@pytest.mark.slow
+def test_universal_demo_merges_trains_and_predicts_every_task(tmp_path):
+    """``--trainer`` of a universal trainer: merge, plan, train, then predict and evaluate each task."""
+    workdir = tmp_path / "demo"
+    result = run_demo("--workdir", workdir, "--trainer", "nnUNetUniversalTrainer", "--epochs", 1, "--iters", 1)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    assert "=== [5/5]" in result.stdout
+    table = result.stdout.split("Dice on the held-out test cases")[1]
+    for task in ("SynthLiverKidney", "SynthLiverSpleenLesion", "SynthKidneySpleen"):
+        assert re.search(rf"^{task}: \w+\s+\d\.\d{{3}}$", table, re.MULTILINE), table
+        assert (workdir / "predictions" / task / "summary.json").is_file()
+    assert (workdir / "demo_figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_previous_demos_folder_is_reused_and_a_foreign_one_refused(tmp_path):
+    """The in-process half of the rerun check (the pipeline rerun itself is the slow test above)."""
+    workdir = prepare_workdir(tmp_path / "demo")
+    (workdir / "nnUNet_raw").mkdir()
+    assert prepare_workdir(workdir) == workdir and (workdir / "nnUNet_raw").is_dir()
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine\n")
+    with pytest.raises(UserFacingError, match="not made by 'nnunet-ext demo'. Nothing was changed"):
+        prepare_workdir(foreign)
+    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
+
+
+def test_the_figure_reads_every_file_with_the_datasets_reader_writer(tmp_path):
+    """The demo's figure from a tiny raw dataset, its predictions and an nnU-Net summary (no training)."""
+    import numpy as np
+
+    from nnunet_ext import image_io, raw_dataset
+    from nnunet_ext.datasets.figures import save_prediction_figure
+
+    raw = tmp_path / "Dataset001_Fig"
+    label = np.zeros((6, 16, 16), np.uint8)
+    label[2:4, 4:12, 4:12] = 1
+    raw_dataset.write_case_arrays(raw, "c0", [label.astype(np.float32) * 100], label, (2.0, 1.0, 1.0), ".nii.gz",
+                                  split="Ts")
+    (tmp_path / "pred").mkdir()
+    image_io.write_volume(label, tmp_path / "pred" / "c0.nii.gz", (2.0, 1.0, 1.0))
+    summary = {"metric_per_case": [{"prediction_file": str(tmp_path / "pred" / "c0.nii.gz"),
+                                    "metrics": {"1": {"Dice": 1.0}}}]}
+    dataset_json = {"labels": {"background": 0, "liver": 1}, "file_ending": ".nii.gz"}
+    figure = save_prediction_figure(raw, tmp_path / "pred", dataset_json, tmp_path / "f.png", summary)
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.slow

@@ -106,3 +106,39 @@ def test_trainers_subclass_nnunet_trainer_with_unchanged_constructor(name):
     # eval_str: a module with `from __future__ import annotations` writes the same types as strings
     assert inspect.signature(cls.__init__, eval_str=True) == inspect.signature(base.__init__, eval_str=True)
     assert pickle.loads(pickle.dumps(cls)) is cls
+
+
+LAZY_LOOKUP_SCRIPT = """
+import contextlib, io, sys
+import nnunet_ext, nnunet_ext.trainers
+print('torch' in sys.modules, 'segment_anything' in sys.modules)
+from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as find
+for name in sys.argv[1:]:
+    with contextlib.redirect_stdout(io.StringIO()):
+        cls = find(name)
+    methods = sorted(m for m in sys.modules if m.startswith('nnunet_ext.trainers.'))
+    print(cls.__module__, 'segment_anything' in sys.modules, ','.join(methods))
+"""
+
+
+def test_lookup_imports_only_the_asked_trainers_module_and_not_segment_anything(tmp_path):
+    """The discovery module and ``nnunet_ext.trainers`` import a method's module only when its trainer is
+    asked for: no torch for ``import nnunet_ext.trainers``, no segment_anything (the sam extra) until a
+    SAM network is built, not even for ClassSAMTrainer's lookup."""
+    result = subprocess.run([sys.executable, "-c", LAZY_LOOKUP_SCRIPT, "CoTrTrainer", "ClassSAMTrainer"],
+                            env=plain_shell_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.split("\n")
+    assert lines[0] == "False False", "import nnunet_ext.trainers must stay light"
+    assert lines[1] == "nnunet_ext.trainers.cotr False nnunet_ext.trainers.base,nnunet_ext.trainers.cotr"
+    assert lines[2] == ("nnunet_ext.trainers.class_sam False "
+                        "nnunet_ext.trainers.base,nnunet_ext.trainers.class_sam,nnunet_ext.trainers.cotr")
+
+
+def test_the_trainers_package_exports_every_registered_trainer_by_name():
+    import nnunet_ext.trainers as trainers
+
+    assert trainers.__all__ == OUR_TRAINERS and set(OUR_TRAINERS) <= set(dir(trainers))
+    assert trainers.CoTrTrainer.__module__ == "nnunet_ext.trainers.cotr"
+    with pytest.raises(AttributeError, match="NoSuchTrainer"):
+        trainers.NoSuchTrainer  # noqa: B018 - the lookup's hasattr needs an AttributeError

@@ -7,15 +7,12 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from nnunet_ext import compat
-from nnunet_ext.architectures.dodnet import (DoDNet, SigmoidLabelCoding, WSConv3d, dynamic_head, paper_dodnet,
-                                             strides_from_plans)
-from nnunet_ext.tasks.conditioning import is_masked
+from nnunet_ext.architectures.dodnet import DoDNet, SigmoidLabelCoding, dynamic_head, paper_dodnet, strides_from_plans
 from nnunet_ext.tasks.task_map import TaskMap, TaskMapError
 from nnunet_ext.testing.harness import NnUNetRoot, load_trainer, predict_task_and_check, train_stock
-from nnunet_ext.trainers.dodnet import DODNET_PLANS_KEY, DoDNetLoss, DoDNetTrainer, parse_nested
+from nnunet_ext.trainers.dodnet import DODNET_PLANS_KEY, DoDNetTrainer, parse_nested
 
 TRAINER = "DoDNetTrainer"
 SMALL = dict(features=(32, 32, 32, 32), blocks=(1, 1, 1, 1), strides=[[1, 1, 1]] + [[2, 2, 2]] * 3)
@@ -74,24 +71,6 @@ def test_a_batch_of_mixed_tasks_equals_one_task_at_a_time():
         torch.testing.assert_close(mixed[b:b + 1], network(x[b:b + 1]), rtol=1e-4, atol=1e-5)
     network.set_task(0)
     assert not torch.allclose(mixed[:1], network(x[1:2]))  # the task changes the head
-
-
-def test_weight_standardisation():
-    torch.manual_seed(0)
-    conv = WSConv3d(4, 6, 3, padding=1, bias=False)
-    with torch.no_grad():
-        conv.weight.mul_(7).add_(3)
-    weight = conv.standardised_weight().flatten(1)
-    torch.testing.assert_close(weight.mean(1), torch.zeros(6), atol=1e-5, rtol=0)
-    torch.testing.assert_close(weight.std(1), torch.ones(6), atol=1e-5, rtol=0)  # unbiased, as the official
-    x = torch.randn(2, 4, 5, 5, 5)
-    raw = conv.weight.flatten(1)
-    expected = (raw - raw.mean(1, keepdim=True)) / raw.std(1, keepdim=True)
-    torch.testing.assert_close(conv(x), F.conv3d(x, expected.view_as(conv.weight), padding=1), rtol=1e-4, atol=1e-4)
-    before = conv(x)
-    with torch.no_grad():  # a filter's scale and offset do not matter
-        conv.weight.mul_(0.1).sub_(5)
-    torch.testing.assert_close(conv(x), before, rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize("plan_strides, patch", [
@@ -180,54 +159,6 @@ def test_bad_nesting_is_refused():
     assert parse_nested(" lesion:liver, tumour:kidney ") == {"lesion": "liver", "tumour": "kidney"}
     with pytest.raises(ValueError, match="CHILD:PARENT"):
         parse_nested("lesion")
-
-
-def test_eval_mode_returns_masked_class_scores_with_the_coding_rule():
-    torch.manual_seed(0)
-    coding = SigmoidLabelCoding(synthetic_map(), {"lesion": "liver"})
-    network = DoDNet(1, 3, 3, coding=coding, **SMALL)
-    network.set_task(0)  # liver + kidney: spleen (3) and lesion (4) are not annotated
-    x = torch.randn(2, 1, 8, 8, 8)
-    assert network.train()(x).shape[1] == 3  # training: the sigmoid logits
-    scores = network.eval()(x)
-    assert scores.shape[1] == 5
-    keep = torch.tensor([True, True, True, False, False])
-    assert is_masked(scores, keep)[:, 3:].all() and not is_masked(scores, keep)[:, :3].any()
-    expected = coding.class_logits(network.head_logits(x), torch.zeros(2, dtype=torch.long)).argmax(1)
-    assert torch.equal(scores.argmax(1), expected)
-
-
-# --- loss ---------------------------------------------------------------------------------------
-
-def test_loss_is_official_dice_plus_bce_on_the_tasks_channels_only():
-    task_map = synthetic_map()
-    coding = SigmoidLabelCoding(task_map)
-    loss = DoDNetLoss(coding)
-    loss.set_task(0)  # liver + kidney: channels 0, 1 annotated, channel 2 not
-    torch.manual_seed(0)
-    logits = torch.randn(2, 3, 4, 4, 4, requires_grad=True)
-    target = torch.randint(0, 3, (2, 1, 4, 4, 4))
-    value = loss(logits, target)
-    value.backward()
-    assert logits.grad[:, 2].abs().sum() == 0 and logits.grad[:, :2].abs().sum() > 0
-    terms = []
-    for k, label in enumerate((1, 2)):  # official DiceLoss4MOTS + CELoss4MOTS, written out
-        t = (target[:, 0] == label).float().flatten(1)
-        z = logits[:, k].detach().flatten(1)
-        p = torch.sigmoid(z)
-        dice = 1 - 2 * (p * t).sum(1) / (p.sum(1) + t.sum(1) + 1)
-        bce = F.binary_cross_entropy_with_logits(z, t, reduction="none").mean(1)
-        terms.append(dice.mean() + bce.mean())
-    torch.testing.assert_close(value.detach(), torch.stack(terms).mean())
-
-
-def test_loss_skips_ignore_voxels():
-    loss = DoDNetLoss(SigmoidLabelCoding(synthetic_map()), ignore_value=9)
-    logits = torch.zeros(1, 3, 2, 2, 2, requires_grad=True)
-    target = torch.ones(1, 1, 2, 2, 2, dtype=torch.long)
-    target[..., 0] = 9
-    loss(logits, target).backward()
-    assert logits.grad[..., 0].abs().sum() == 0 and logits.grad[..., 1].abs().sum() > 0
 
 
 # --- trainer ------------------------------------------------------------------------------------

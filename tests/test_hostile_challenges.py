@@ -506,3 +506,192 @@ def test_submit_writes_into_a_folder_with_a_shell_like_name_without_running_it(t
     assert outcome.returncode == 0 and "VALID" in outcome.output
     assert sorted(p.name for p in out.iterdir()) == ["case_00000.nii.gz", "case_00001.nii.gz"]
     assert not (tmp_path / "pwned").exists()
+
+
+# --------------------------------------------------------------------------------------
+# challenge-infer and container: every refusal comes before any prediction, nothing is written
+# --------------------------------------------------------------------------------------
+
+
+def _fake_model(folder: Path, channels: int = 1, labels: dict | None = None) -> Path:
+    """A model folder with what the checks read (no network: the refusals come before the predictor)."""
+    import torch
+
+    (folder / "fold_0").mkdir(parents=True)
+    labels = labels or {"background": 0, "kidney": 1, "tumor": 2, "cyst": 3}
+    (folder / "dataset.json").write_text(json.dumps({"channel_names": {str(c): "CT" for c in range(channels)},
+                                                     "labels": labels, "file_ending": ".nii.gz"}))
+    (folder / "plans.json").write_text(json.dumps({"configurations": {"3d_fullres": {}}}))
+    torch.save({"network_weights": {}}, folder / "fold_0" / "checkpoint_final.pth")
+    return folder
+
+
+def _mha(path: Path, array: np.ndarray | None = None, spacing=(0.8, 0.8, 2.5)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = sitk.GetImageFromArray(np.zeros(SHAPE, np.int16) if array is None else array)
+    image.SetSpacing(spacing)
+    sitk.WriteImage(image, str(path), True)
+    return path
+
+
+def _kits_input(root: Path) -> Path:
+    return _mha(root / "images" / "ct" / "5a6b1c2d-uuid.mha")
+
+
+def _segrap_unpaired(root: Path) -> Path:
+    for name in ("a.mha", "b.mha"):
+        _mha(root / "images" / "head-neck-ct" / name)
+    _mha(root / "images" / "head-neck-contrast-enhanced-ct" / "a.mha")
+    _mha(root / "images" / "head-neck-contrast-enhanced-ct" / "c.mha")
+    return root
+
+
+def _segrap_other_grid(root: Path) -> Path:
+    _mha(root / "images" / "head-neck-ct" / "x.mha")
+    _mha(root / "images" / "head-neck-contrast-enhanced-ct" / "y.mha", spacing=(0.8, 0.8, 3.0))
+    return root
+
+
+def _kits_truncated(root: Path) -> Path:
+    truncate(_kits_input(root))
+    return root
+
+
+def _kits_nan(root: Path) -> Path:
+    array = np.zeros(SHAPE, np.float32)
+    array[1, 2, 3] = np.nan
+    _mha(root / "images" / "ct" / "n.mha", array)
+    return root
+
+
+def _amos_flat(root: Path) -> Path:
+    write_volume(np.zeros(SHAPE, np.int16), root / "7e1f.nii.gz")
+    return root
+
+
+# challenge (+ task), how to lay out --input, model (channels, labels), output root, words the message must contain
+INFER_CASES = [
+    (["kits21"], lambda root: root.mkdir(), {}, None, ["images/ct/<uuid>.mha", "not found"]),
+    (["kits21"], _kits_truncated, {}, None, ["5a6b1c2d-uuid.mha", "cannot be decoded"]),
+    (["kits21"], _kits_nan, {}, None, ["n.mha", "nan or infinite"]),
+    (["kits21"], _kits_input, {"labels": {"background": 0, **{f"l{i}": i for i in range(1, 5)}}}, None,
+     ["predicts label values [0, 1, 2, 3, 4]", "takes only [0, 1, 2, 3]"]),
+    (["segrap2023", "--task", "gtv"], _segrap_unpaired, {"channels": 2, "labels": {"background": 0, "GTVp": 1,
+                                                                                    "GTVnd": 2}}, None,
+     ["b.mha has no contrast-enhanced ct partner", "share their file name"]),
+    (["segrap2023", "--task", "gtv"], _segrap_other_grid, {"channels": 2, "labels": {"background": 0, "GTVp": 1,
+                                                                                      "GTVnd": 2}}, None,
+     ["y.mha", "spacing", "share one grid"]),
+    (["segrap2023", "--task", "oar"], _segrap_other_grid, {"channels": 1}, None,
+     ["takes 1 input channel(s)", "receives 2 (non-contrast ct, contrast-enhanced ct)"]),
+    (["amos22", "--task", "2"], _amos_flat, {}, "input", ["is the input folder", "only read"]),
+]
+
+
+@pytest.mark.parametrize("challenge, layout, model, output, needles", INFER_CASES,
+                         ids=["missing-folder", "truncated", "nan", "labels", "unpaired", "grid", "channels",
+                              "output-is-input"])
+def test_challenge_infer_refuses_before_predicting_and_writes_nothing(tmp_path, monkeypatch, challenge, layout, model,
+                                                                      output, needles):
+    from nnunet_ext import compat
+
+    monkeypatch.setattr(compat, "predictor", lambda *a, **k: pytest.fail("predicted despite a refusal"))
+    model_folder = _fake_model(tmp_path / "model", **model)
+    layout(tmp_path / "input")
+    out = tmp_path / ("input" if output == "input" else "output")
+    before = snapshot(tmp_path)
+    outcome = run_cli(["challenge-infer", *challenge, "--input", str(tmp_path / "input"), "--output", str(out),
+                       "-m", str(model_folder), "-device", "cpu"])
+    assert outcome.returncode == 2, outcome.output
+    assert_refused(outcome, needles, before=before, after=snapshot(tmp_path), absent=[tmp_path / "output"],
+                   clean=[tmp_path])
+
+
+def test_challenge_infer_refuses_a_model_without_the_checkpoint(tmp_path):
+    model = _fake_model(tmp_path / "model")
+    (model / "fold_0" / "checkpoint_final.pth").unlink()
+    _kits_input(tmp_path / "input")
+    outcome = run_cli(["challenge-infer", "kits21", "--input", str(tmp_path / "input"), "--output",
+                       str(tmp_path / "output"), "-m", str(model), "-f", "0"])
+    assert_refused(outcome, ["has no checkpoint_final.pth in fold_0"], absent=[tmp_path / "output"])
+
+
+def _wheel(tmp_path: Path) -> Path:
+    import zipfile
+
+    wheel = tmp_path / "nnunet_ext-0.1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("nnunet_ext/__init__.py", "")
+    return wheel
+
+
+def _foreign_build(tmp_path: Path) -> list[str]:
+    (tmp_path / "build").mkdir()
+    (tmp_path / "build" / "Dockerfile").write_text("FROM mine\n")
+    return []
+
+
+def _not_a_wheel(tmp_path: Path) -> list[str]:
+    (tmp_path / "nnunet_ext-0.1.0-py3-none-any.whl").write_text("not a zip")
+    return []
+
+
+# extra arguments (or a function preparing the case and returning them), words the message must contain
+CONTAINER_CASES = [
+    (["-tr", 'nnUNetTrainer"; rm -rf /; "'], ["-tr", "not a name nnu-net writes", "dockerfile"]),
+    (["-tr", "nnUNetTrainer\nRUN evil"], ["-tr", "line break"]),
+    (["-c", "3d_fullres$(id)"], ["-c", "not a name"]),
+    (["--base-image", "ubuntu:22.04"], ["--base-image", "pytorch/pytorch:tag"]),
+    (["--base-image", "pytorch/pytorch:latest\nRUN evil"], ["--base-image", "line break"]),
+    (["--task", "gtv"], ["unrecognized arguments: --task"]),  # kits21 has no tasks
+    (_foreign_build, ["already holds files not written by nnunet-ext container", "left untouched"]),
+    (_not_a_wheel, ["--wheel", "not a wheel"]),
+]
+
+
+@pytest.mark.parametrize("extra, needles", CONTAINER_CASES,
+                         ids=["quote", "newline", "substitution", "not-pytorch", "image-newline", "task",
+                              "foreign-output", "wheel"])
+def test_container_refuses_values_that_would_reach_the_dockerfile_and_writes_nothing(tmp_path, extra, needles):
+    results = tmp_path / "results"
+    _fake_model(results / "Dataset950_Fake" / "nnUNetTrainer__nnUNetPlans__3d_fullres")
+    wheel = _wheel(tmp_path)
+    if callable(extra):
+        extra = extra(tmp_path)
+    before = snapshot(tmp_path)
+    arguments = ["container", "kits21", "-d", "950", "-f", "0", "--wheel", str(wheel), "-o", str(tmp_path / "build"),
+                 *extra]
+    outcome = run_cli(arguments, dict(os.environ, nnUNet_results=str(results)))
+    assert outcome.returncode == 2, outcome.output
+    assert_refused(outcome, needles, before=before, after=snapshot(tmp_path), clean=[tmp_path])
+
+
+def test_container_refuses_a_model_that_does_not_fit_the_challenge(tmp_path):
+    results = tmp_path / "results"
+    _fake_model(results / "Dataset951_Gtv" / "nnUNetTrainer__nnUNetPlans__3d_fullres", channels=2,
+                labels={"background": 0, "GTVp": 1, "GTVnd": 2})
+    wheel = _wheel(tmp_path)
+    before = snapshot(results, wheel)
+    outcome = run_cli(["container", "kits21", "-d", "951", "-f", "0", "--wheel", str(wheel), "-o",
+                       str(tmp_path / "build")], dict(os.environ, nnUNet_results=str(results)))
+    assert_refused(outcome, ["takes 2 input channel(s)", "kits21 container receives 1 (ct)"],
+                   before=before, after=snapshot(results, wheel), absent=[tmp_path / "build"], clean=[tmp_path])
+    outcome = run_cli(["container", "segrap2023", "--task", "gtv", "-d", "951", "-f", "0", "1", "--wheel",
+                       str(wheel), "-o", str(tmp_path / "build")], dict(os.environ, nnUNet_results=str(results)))
+    assert_refused(outcome, ["no checkpoint_final.pth in fold_1"], before=before, after=snapshot(results, wheel),
+                   absent=[tmp_path / "build"], clean=[tmp_path])
+
+
+def test_amos_zip_refuses_predictions_that_do_not_match_the_case_list(tmp_path):
+    release = write_amos22_replica(tmp_path / "release", ct=1, mri=0, validation=2, validation_mri=1, test=0)
+    images = release / "imagesVa"
+    predictions = predictions_like(tmp_path / "pred", {p.name[:-7]: p for p in images.iterdir()},
+                                   lambda rng: box_labels(rng, (1, 2)))
+    (predictions / "amos_0102.nii.gz").unlink()
+    before = snapshot(release, predictions)
+    outcome = run_cli(["submit", "amos22", "--task", "1", str(predictions), str(tmp_path / "sub.zip"),
+                       "--images", str(images)])
+    assert outcome.returncode == 1
+    assert_refused(outcome, ["amos_0601.nii.gz is not one of this task's images", "not exported",
+                             "missing: no prediction amos_0102.nii.gz", "nothing was written"],
+                   before=before, after=snapshot(release, predictions), absent=[tmp_path / "sub.zip"], clean=[tmp_path])

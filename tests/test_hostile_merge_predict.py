@@ -3,9 +3,11 @@
 Every refusal is checked with :func:`nnunet_ext.testing.hostile.assert_refused`: exit code non-zero,
 a message naming the problem, no traceback, inputs byte-identical, no partial output and no
 temporary files. Interrupts (Ctrl-C) and concurrent runs are checked for "no partial output" and
-"a rerun / the second run gives what a single run gives". Images are tiny (8 x 16 x 16) and
-written here, so the whole file runs in seconds; the predictor is a stand-in that writes
-merged-space labels (the real one is exercised by tests/test_universal.py).
+"a rerun / the second run gives what a single run gives" (predict, like nnUNetv2_predict, keeps
+the cases it finished, each file whole, and ``--continue_prediction`` does the rest). Images are
+tiny (8 x 16 x 16) and written here, so the whole file runs in seconds; the predictor is a
+stand-in that hands per-task label maps to the writers (the real one: tests/test_predict_parity.py,
+tests/test_predict_all_tasks.py and tests/test_universal.py).
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ SPACING = (1.0, 1.0, 2.0)  # SimpleITK order (x, y, z)
 ALPHA_LABELS = {"background": 0, "liver": 1, "kidney": 2}
 BETA_LABELS = {"background": 0, "spleen": 1, "liver": 2}  # liver has another value than in Alpha
 OUTPUT = "Dataset900_Out"
-MERGE = ["merge", "-d", "1", "2", "-o", "900", "--name", "Out"]
+MERGE = ["merge", "-d", "1", "2", "-o", "900", "-np", "1", "--name", "Out"]  # -np 1: monkeypatches reach it
 
 
 # ---------------------------------------------------------------------------- tiny raw datasets
@@ -438,11 +440,18 @@ PREDICT_CASES = {
     "checkpoint_as_a_path": (lambda m, i, o: None, ["-chk", "../../../etc/passwd"], "Beta", ["not a path"]),
     "model_dataset_json_invalid": (lambda m, i, o: _model_json(m, "{not json"), [], "Beta",
                                    ["dataset.json cannot be read as JSON"]),
+    "model_without_plans": (lambda m, i, o: (m / "plans.json").unlink(), [], "Beta",
+                            ["plans.json cannot be read", "restore it from nnUNet_preprocessed"]),
     "model_folder_missing": (lambda m, i, o: shutil.rmtree(m), [], "Beta",
                              ["is not a trained nnU-Net model folder"]),
     "task_name_with_quotes": (lambda m, i, o: None, [], 'a"; touch pwned; "',
                               ["Unknown task 'a\"; touch pwned; \"'", "Beta"]),
     "task_name_with_newline": (lambda m, i, o: None, [], "Beta\nrm -rf /", ["Unknown task 'Beta\\nrm -rf /'"]),
+    "part_id_not_below_num_parts": (lambda m, i, o: None, ["-num_parts", "2", "-part_id", "2"], "Beta",
+                                    ["-part_id 2 with -num_parts 2", "from 0 to 1"]),
+    "no_parts": (lambda m, i, o: None, ["-num_parts", "0"], "Beta", ["-num_parts 0", "1 or more"]),
+    "step_size_zero": (lambda m, i, o: None, ["-step_size", "0"], "Beta", ["-step_size 0.0", "above 0"]),
+    "negative_processes": (lambda m, i, o: None, ["-nps", "-1"], "Beta", ["-nps -1", "0 or more"]),
     "truncated_input_image": (lambda m, i, o: _truncate(i / "c2_0001.nii.gz"), [], "Beta",
                               ["c2_0001.nii.gz", "truncated"]),
     "text_file_as_input": (lambda m, i, o: (i / "c2_0000.nii.gz").write_text("hello"), [], "Beta",
@@ -463,6 +472,8 @@ PREDICT_CASES = {
                                     ["not written by 'nnunet-ext predict'", "my_segmentation.nii.gz"]),
     "output_with_another_tasks_predictions": (lambda m, i, o: _other_task_output(o), [], "Beta",
                                               ["holds predictions of task 'Alpha'"]),
+    "continue_into_another_tasks_predictions": (lambda m, i, o: _other_task_output(o), ["--continue_prediction"],
+                                                "Beta", ["holds predictions of task 'Alpha'"]),
 }
 
 
@@ -471,7 +482,7 @@ def test_predict_refuses_hostile_input_before_writing(predict_case, case: str, m
     model, images, output = predict_case
     change, extra, task, needles = PREDICT_CASES[case]
     change(model, images, output)
-    monkeypatch.setattr("nnunet_ext.compat.predictor", _no_predictor)
+    monkeypatch.setattr("nnunet_ext.compat.nnunet_predictor", _no_predictor)
     before = snapshot(model, images, output)
     outcome = _predict(model, images, output, task, *extra)
     assert_refused(outcome, needles, before=before, after=snapshot(model, images, output),
@@ -484,38 +495,86 @@ def _no_predictor(*args, **kwargs):
     raise AssertionError("the predictor was built although the input should have been refused")
 
 
+# merged values of the model fixture: liver 1, kidney 2 (Alpha), spleen 3 (Beta). What the stand-in network
+# predicts, in merged values: as Alpha kidney in slices 0-3; as Beta spleen in slices 2-5 and liver in slice 6
+# (so the two tasks overlap in slices 2-3); slice 7 is background for both
+_FAKE_MAPS = {0: [(slice(0, 4), 2)], 1: [(slice(2, 6), 3), (slice(6, 7), 1)]}
+_ANNOTATED = [[True, True, True, False], [True, True, False, True]]  # Alpha, Beta over merged classes 0-3
+ARGS_FILE = "predict_from_raw_data_args.json"
+
+
 class _FakePredictor:
-    """Stands in for nnU-Net's predictor: records its arguments and writes, per case, a merged-space label map
-    (merged value 3 = spleen, 1 = liver) on the grid of the case's first channel."""
+    """Stands in for nnU-Net's predictor of a universal model; records its arguments."""
 
     calls: list[dict] = []
 
     def __init__(self, *args, **kwargs) -> None:
-        self.network = type("Net", (), {"set_task": lambda self, task_id: _FakePredictor.calls.append(
-            {"task_id": task_id})})()
+        import torch
+
+        _FakePredictor.calls.append({"predictor": args})
+        self.network = type("Net", (), {"set_task": lambda self, task_id: None,
+                                        "annotated_classes": torch.tensor(_ANNOTATED)})()
         self.trainer_name = "nnUNetUniversalTrainer"
+        self.configuration_manager = type("Configuration", (), {"previous_stage_name": None})()
 
     def initialize_from_trained_model_folder(self, folder, folds, checkpoint_name):
         _FakePredictor.calls.append({"folds": tuple(folds), "checkpoint": checkpoint_name})
 
-    def predict_from_files(self, input_folder, output_folder, **kwargs):
-        os.makedirs(output_folder, exist_ok=True)
-        inputs = sorted(Path(input_folder).iterdir())
-        _FakePredictor.calls.append({"inputs": [p.name for p in inputs]})
-        for first in (p for p in inputs if p.name.endswith("_0000.nii.gz")):
-            reference = sitk.ReadImage(str(first))
-            label = np.zeros(SHAPE, np.uint8)
-            label[:4], label[4:6] = 3, 1
-            image = sitk.GetImageFromArray(label)
-            image.CopyInformation(reference)
-            sitk.WriteImage(image, str(Path(output_folder) / first.name.replace("_0000", "")), True)
+
+def _fake_map(task_id: int, classes: list[int]) -> np.ndarray:
+    label = np.zeros(SHAPE, np.uint8)
+    for rows, value in _FAKE_MAPS[task_id]:
+        label[rows] = classes.index(value)
+    return label
+
+
+def _fake_predict_stacked_cases(predictor, network, block_channels, image_files, case_ids, write_case,
+                                save_probabilities=False, *args) -> None:
+    """Stands in for nnU-Net's prediction and export: per case and task, the map of ``_FAKE_MAPS`` in the task's
+    block class indices (one-hot probabilities), handed to the writer with the geometry nnU-Net's reader
+    gives the case's first channel, as nnU-Net's export hands it over."""
+    from nnunet_ext import compat
+
+    _FakePredictor.calls.append({"stacked_tasks": network.task_ids, "block_channels": list(block_channels),
+                                 "cases": list(case_ids), "inputs": [[Path(f).name for f in files]
+                                                                     for files in image_files]})
+    for files, case_id in zip(image_files, case_ids):
+        reader = compat.image_reader_writer(None, os.fspath(files[0]))
+        _, properties = reader.read_images([os.fspath(files[0])])
+        blocks = []
+        for task_id, classes in zip(network.task_ids, network.classes):
+            segmentation = _fake_map(task_id, classes)
+            probabilities = np.moveaxis(np.eye(len(classes), dtype=np.float32)[segmentation], -1, 0)
+            blocks.append((segmentation, probabilities if save_probabilities else None))
+        write_case(case_id, blocks, properties, reader)
+
+
+def _use_fakes(monkeypatch) -> None:
+    monkeypatch.setattr("nnunet_ext.compat.nnunet_predictor", _FakePredictor)
+    monkeypatch.setattr("nnunet_ext.compat.predict_stacked_cases", _fake_predict_stacked_cases)
+    monkeypatch.setattr("nnunet_ext.compat.probabilities_resampled_by_interpolation", lambda predictor: True)
 
 
 @pytest.fixture
 def fake_predictor(monkeypatch):
     _FakePredictor.calls = []
-    monkeypatch.setattr("nnunet_ext.compat.predictor", lambda *args, **kwargs: _FakePredictor())
+    _use_fakes(monkeypatch)
     return _FakePredictor
+
+
+def _read(path: Path) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def _outputs(folder: Path) -> dict[str, str]:
+    """Checksums of a prediction folder's files except the recorded arguments (which name the folder)."""
+    return {name: digest for name, digest in _checksums(folder).items() if not name.endswith(ARGS_FILE)}
+
+
+def _more_cases(images: Path, *cases: str) -> None:
+    for case in cases:
+        for channel in sorted(images.glob("c2_*.nii.gz")):
+            shutil.copy(channel, images / channel.name.replace("c2_", f"{case}_"))
 
 
 def test_predict_with_chk_best_when_final_is_missing(predict_case, fake_predictor) -> None:
@@ -525,16 +584,19 @@ def test_predict_with_chk_best_when_final_is_missing(predict_case, fake_predicto
     outcome = _predict(model, images, output, "Beta", "-chk", "checkpoint_best.pth")
     assert outcome.returncode == 0, outcome.output
     assert {"folds": (0,), "checkpoint": "checkpoint_best.pth"} in fake_predictor.calls
-    assert {"task_id": 1} in fake_predictor.calls
-    label = sitk.GetArrayFromImage(sitk.ReadImage(str(output / "c2.nii.gz")))
-    assert (label[:4] == 1).all() and (label[4:6] == 2).all() and (label[6:] == 0).all()  # Beta's own values
+    label = _read(output / "c2.nii.gz")
+    assert (label[2:6] == 1).all() and (label[6] == 2).all() and (label[:2] == 0).all() and (label[7] == 0).all()
     written = json.loads((output / "dataset.json").read_text())
     assert written["labels"] == BETA_LABELS and written["nnunet_ext_task"]["task"] == "Beta"
+    assert (output / "plans.json").read_bytes() == (model / "plans.json").read_bytes()
+    arguments = json.loads((output / ARGS_FILE).read_text())
+    assert arguments["overwrite"] and arguments["num_parts"] == 1 and not arguments["save_probabilities"]
+    assert arguments["nnunet_ext_predict"]["checkpoint"] == "checkpoint_best.pth"
     assert snapshot(images) == before and not temporaries(output.parent)
     # an earlier prediction of the same task is ours: predicting again replaces its files
     again = _predict(model, images, output, "Beta", "-chk", "checkpoint_best.pth")
     assert again.returncode == 0, again.output
-    assert sorted(p.name for p in output.iterdir()) == ["c2.nii.gz", "dataset.json"]
+    assert sorted(p.name for p in output.iterdir()) == ["c2.nii.gz", "dataset.json", "plans.json", ARGS_FILE]
 
 
 def test_predict_pads_a_one_channel_task_to_the_merged_channel_count(predict_case, fake_predictor) -> None:
@@ -542,27 +604,75 @@ def test_predict_pads_a_one_channel_task_to_the_merged_channel_count(predict_cas
     (images / "c2_0001.nii.gz").unlink()
     outcome = _predict(model, images, output, "Alpha")
     assert outcome.returncode == 0, outcome.output
-    assert {"inputs": ["c2_0000.nii.gz", "c2_0001.nii.gz"]} in fake_predictor.calls
-    label = sitk.GetArrayFromImage(sitk.ReadImage(str(output / "c2.nii.gz")))
-    assert set(np.unique(label).tolist()) == {0, 1}  # merged 3 (spleen) is not Alpha's; liver stays 1
+    stacked = next(call for call in fake_predictor.calls if "inputs" in call)
+    assert stacked["inputs"] == [["c2_0000.nii.gz", "c2_0001.nii.gz"]] and stacked["stacked_tasks"] == (0,)
+    label = _read(output / "c2.nii.gz")
+    assert (label[:4] == 2).all() and (label[4:] == 0).all()  # Alpha's own kidney value
 
 
-def test_ctrl_c_mid_predict_leaves_no_output_and_a_rerun_finishes(predict_case, fake_predictor, monkeypatch) -> None:
+def test_probabilities_are_in_the_tasks_label_order(predict_case, fake_predictor) -> None:
+    """Beta's labels are background 0, spleen 1, liver 2; its block of merged classes is background, liver (1),
+    spleen (3): the .npz channels follow Beta's values, and the .pkl holds the case's properties."""
+    from nnunet_ext import compat
+
+    model, images, output = predict_case
+    outcome = _predict(model, images, output, "Beta", "--save_probabilities")
+    assert outcome.returncode == 0, outcome.output
+    assert next(call for call in fake_predictor.calls if "block_channels" in call)["block_channels"] == [3]
+    probabilities = np.load(output / "c2.npz")["probabilities"]
+    assert probabilities.shape == (3, *SHAPE) and probabilities.dtype == np.float32
+    assert np.array_equal(probabilities.argmax(0), _read(output / "c2.nii.gz"))
+    assert np.allclose(probabilities.sum(0), 1)
+    assert compat.load_case_properties(output / "c2.pkl")["sitk_stuff"]["spacing"] == SPACING
+    assert json.loads((output / ARGS_FILE).read_text())["save_probabilities"] is True
+
+
+def test_ctrl_c_mid_predict_leaves_whole_cases_and_continue_finishes(predict_case, fake_predictor,
+                                                                     monkeypatch) -> None:
     from nnunet_ext.tasks import predict as predict_module
 
     model, images, output = predict_case
+    _more_cases(images, "c3", "c4")
+    reference = output.parent / "reference"
+    assert _predict(model, images, reference).returncode == 0
     before = snapshot(model, images)
-    monkeypatch.setattr(predict_module, "export_to_source_labels",
-                        _InterruptAfter(predict_module.export_to_source_labels, 1))
+    monkeypatch.setattr(predict_module, "write_segmentation", _InterruptAfter(predict_module.write_segmentation, 2))
     outcome = _predict(model, images, output)
-    assert_refused(outcome, ["Interrupted"], before=before, after=snapshot(model, images), absent=[output],
-                   clean=[output.parent])
-    assert not [p for p in output.parent.iterdir() if p.name.startswith(atomic_io.STAGING_PREFIX)]
+    assert_refused(outcome, ["Interrupted"], before=before, after=snapshot(model, images), clean=[output.parent])
+    # what nnUNetv2_predict leaves: the folder's metadata and the finished case, each file complete
+    assert sorted(p.name for p in output.iterdir()) == ["c2.nii.gz", "dataset.json", "plans.json", ARGS_FILE]
+    assert _outputs(output) == {k: v for k, v in _outputs(reference).items() if not k.startswith(("c3", "c4"))}
     monkeypatch.undo()
-    monkeypatch.setattr("nnunet_ext.compat.predictor", lambda *args, **kwargs: _FakePredictor())
-    rerun = _predict(model, images, output)
+    _use_fakes(monkeypatch)
+    fake_predictor.calls.clear()
+    rerun = _predict(model, images, output, "Beta", "--continue_prediction")
     assert rerun.returncode == 0, rerun.output
-    assert sorted(p.name for p in output.iterdir()) == ["c2.nii.gz", "dataset.json"]
+    assert "1 already there" in rerun.stdout
+    assert next(call for call in fake_predictor.calls if "cases" in call)["cases"] == ["c3", "c4"]
+    assert _outputs(output) == _outputs(reference)
+    assert json.loads((output / ARGS_FILE).read_text())["overwrite"] is False
+
+
+def test_parts_split_the_cases_as_nnunet_and_continue_skips_finished_ones(predict_case, fake_predictor) -> None:
+    model, images, output = predict_case
+    _more_cases(images, "c0", "c1", "c3")
+    for part in (1, 0):
+        fake_predictor.calls.clear()
+        outcome = _predict(model, images, output, "Beta", "-num_parts", "2", "-part_id", str(part))
+        assert outcome.returncode == 0, outcome.output
+        cases = next(call for call in fake_predictor.calls if "cases" in call)["cases"]
+        assert cases == [["c0", "c2"], ["c1", "c3"]][part]  # sorted(case ids)[part_id::num_parts]
+    reference = output.parent / "reference"
+    assert _predict(model, images, reference).returncode == 0
+    assert _outputs(output) == _outputs(reference)
+    fake_predictor.calls.clear()
+    done = _predict(model, images, output, "Beta", "--continue_prediction", "--save_probabilities")
+    assert done.returncode == 0, done.output  # the .npz files are missing: every case is predicted again
+    assert next(call for call in fake_predictor.calls if "cases" in call)["cases"] == ["c0", "c1", "c2", "c3"]
+    fake_predictor.calls.clear()
+    again = _predict(model, images, output, "Beta", "--continue_prediction", "--save_probabilities")
+    assert again.returncode == 0 and "4 already there" in again.stdout
+    assert not [call for call in fake_predictor.calls if "cases" in call or "folds" in call]  # no model loaded
 
 
 # ---------------------------------------------------------------------------- predict --task all / A,B
@@ -614,6 +724,7 @@ ALL_TASKS_CASES = {
     "task_folder_with_another_tasks_predictions": (lambda m, i, o: _task_folder_with(o, "Beta", _other_task_output),
                                                    "all", [], ["holds predictions of task 'Alpha'"]),
     "output_is_a_file": (lambda m, i, o: o.write_bytes(b"x"), "all", [], ["exists and is not a folder"]),
+    "part_id_negative": (lambda m, i, o: None, "all", ["-num_parts", "2", "-part_id", "-1"], ["-part_id -1"]),
 }
 
 
@@ -622,7 +733,7 @@ def test_predict_several_tasks_refuses_bad_input_before_writing(predict_case, ca
     model, images, output = predict_case
     change, tasks, extra, needles = ALL_TASKS_CASES[case]
     change(model, images, output)
-    monkeypatch.setattr("nnunet_ext.compat.predictor", _no_predictor)
+    monkeypatch.setattr("nnunet_ext.compat.nnunet_predictor", _no_predictor)
     before = snapshot(model, images, output)
     outcome = _predict_several(model, images, output, tasks, *extra)
     assert_refused(outcome, needles, before=before, after=snapshot(model, images, output),
@@ -636,125 +747,93 @@ class _NotConditioned(_FakePredictor):
         self.network, self.trainer_name = object(), "nnUNetTrainer"
 
 
-def test_predict_several_tasks_refuses_a_model_that_is_not_task_conditioned(predict_case, monkeypatch) -> None:
-    model, images, output = predict_case
-    monkeypatch.setattr("nnunet_ext.compat.predictor", lambda *args, **kwargs: _NotConditioned())
-    before = snapshot(model, images)
-    outcome = _predict_several(model, images, output)
-    assert_refused(outcome, ["is not task-conditioned (trainer nnUNetTrainer)", "nnUNetv2_predict"], before=before,
-                   after=snapshot(model, images), absent=[output], clean=[output.parent])
-    _error_line(outcome, "predict")
-
-
-# merged values of the model fixture: liver 1, kidney 2 (Alpha), spleen 3 (Beta); Alpha: kidney in slices 0-3,
-# Beta: spleen in slices 2-5, so the two tasks overlap in slices 2-3
-_FAKE_MAPS = {0: (slice(0, 4), 2), 1: (slice(2, 6), 3)}
-_ANNOTATED = [[True, True, True, False], [True, True, False, True]]  # Alpha, Beta over merged classes 0-3
-
-
-def _write_fake_map(reference: Path, target: str, rows: slice, value: int) -> None:
-    label = np.zeros(SHAPE, np.uint8)
-    label[rows] = value
-    image = sitk.GetImageFromArray(label)
-    image.CopyInformation(sitk.ReadImage(str(reference)))
-    sitk.WriteImage(image, target, True)
-
-
-def _fake_stacked_outputs(predictor, network, block_channels, image_files, output_files, *args) -> None:
-    """Stands in for nnU-Net's stacked prediction: per case and task, the map of ``_FAKE_MAPS`` in the
-    task's block class indices (what nnU-Net's export of a block writes)."""
-    _FakePredictor.calls.append({"stacked_tasks": network.task_ids, "block_channels": list(block_channels)})
-    for files, outputs in zip(image_files, output_files):
-        for task_id, classes, target in zip(network.task_ids, network.classes, outputs):
-            rows, value = _FAKE_MAPS[task_id]
-            _write_fake_map(files[0], f"{target}.nii.gz", rows, classes.index(value))
-
-
-class _FakeUniversalPredictor(_FakePredictor):
+class _Cascade(_FakePredictor):
     def __init__(self, *args, **kwargs) -> None:
-        import torch
-
         super().__init__()
-        self.network.annotated_classes = torch.tensor(_ANNOTATED)
+        self.configuration_manager.previous_stage_name = "3d_lowres"
 
 
-def _use_fake_stacked(monkeypatch) -> None:
-    monkeypatch.setattr("nnunet_ext.compat.predictor", lambda *args, **kwargs: _FakeUniversalPredictor())
-    monkeypatch.setattr("nnunet_ext.compat.predict_stacked_outputs", _fake_stacked_outputs)
-    monkeypatch.setattr("nnunet_ext.compat.probabilities_resampled_by_interpolation", lambda predictor: True)
-
-
-@pytest.fixture
-def fake_stacked(fake_predictor, monkeypatch):
-    _use_fake_stacked(monkeypatch)
-    return fake_predictor
-
-
-def _read(path: Path) -> np.ndarray:
-    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+@pytest.mark.parametrize("predictor, needles", [
+    (_NotConditioned, ["is not task-conditioned (trainer nnUNetTrainer)", "nnUNetv2_predict"]),
+    (_Cascade, ["is a cascade stage", "3d_lowres"])])
+def test_predict_refuses_a_model_it_cannot_condition_before_writing(predict_case, predictor, needles,
+                                                                   monkeypatch) -> None:
+    model, images, output = predict_case
+    monkeypatch.setattr("nnunet_ext.compat.nnunet_predictor", predictor)
+    before = snapshot(model, images)
+    for outcome in (_predict_several(model, images, output), _predict(model, images, output)):
+        assert_refused(outcome, needles, before=before, after=snapshot(model, images), absent=[output],
+                       clean=[output.parent])
+        _error_line(outcome, "predict")
 
 
 @pytest.mark.parametrize("order", ["Alpha,Beta", "Beta,Alpha"])
-def test_combine_gives_overlaps_to_the_first_listed_task(predict_case, fake_stacked, order: str) -> None:
+def test_combine_gives_overlaps_to_the_first_listed_task(predict_case, fake_predictor, order: str) -> None:
     model, images, output = predict_case
     outcome = _predict_several(model, images, output, order, "--combine")
     assert outcome.returncode == 0, outcome.output
     assert sorted(p.name for p in output.iterdir()) == ["Alpha", "Beta", "combined"]
     combined = _read(output / "combined" / "c2.nii.gz")
-    assert (combined[:2] == 2).all() and (combined[4:6] == 3).all() and (combined[6:] == 0).all()
+    assert (combined[:2] == 2).all() and (combined[4:6] == 3).all() and (combined[6] == 1).all()
     assert (combined[2:4] == (2 if order == "Alpha,Beta" else 3)).all()  # the overlap: first listed wins
+    assert (combined[7] == 0).all()
     alpha, beta = _read(output / "Alpha" / "c2.nii.gz"), _read(output / "Beta" / "c2.nii.gz")
     assert (alpha[:4] == 2).all() and (alpha[4:] == 0).all()  # Alpha's own kidney value
-    assert (beta[2:6] == 1).all() and (beta[:2] == 0).all()  # Beta's own spleen value
+    assert (beta[2:6] == 1).all() and (beta[:2] == 0).all() and (beta[6] == 2).all()  # Beta's spleen, liver
     written = json.loads((output / "combined" / "dataset.json").read_text())
     assert written["labels"] == {"background": 0, "liver": 1, "kidney": 2, "spleen": 3}
     assert written["nnunet_ext_task"]["tasks"] == order.split(",")
     assert json.loads((output / "Beta" / "dataset.json").read_text())["labels"] == BETA_LABELS
+    for folder in ("Alpha", "Beta", "combined"):  # each folder as nnUNetv2_predict's: plans and arguments
+        assert (output / folder / "plans.json").read_bytes() == (model / "plans.json").read_bytes()
+        assert json.loads((output / folder / ARGS_FILE).read_text())["output_folder_or_list_of_truncated_output_"
+                                                                      "files"] == str(output / folder)
 
 
-def test_several_tasks_equal_single_task_runs_and_rerun_replaces(predict_case, fake_stacked, monkeypatch) -> None:
+def test_several_tasks_equal_single_task_runs_and_rerun_replaces(predict_case, fake_predictor) -> None:
     model, images, output = predict_case
     before = snapshot(images)
-    outcome = _predict_several(model, images, output, "Beta", "--task", "Alpha")  # repeated --task
+    options = ["--save_probabilities", "-num_parts", "2", "-part_id", "0"]
+    outcome = _predict_several(model, images, output, "Beta", "--task", "Alpha", *options)  # repeated --task
     assert outcome.returncode == 0, outcome.output
-    assert {"stacked_tasks": (1, 0), "block_channels": [3, 3]} in fake_stacked.calls  # background + 2 annotated
-    # a single-task run writes the same files and dataset.json (its predictor writes the same merged map)
-    for task_id, task in ((0, "Alpha"), (1, "Beta")):
-        monkeypatch.setattr(_FakePredictor, "predict_from_files", _single_task_writer(task_id))
+    stacked = next(call for call in fake_predictor.calls if "stacked_tasks" in call)
+    assert stacked["stacked_tasks"] == (1, 0) and stacked["block_channels"] == [3, 3]  # background + 2 annotated
+    for task in ("Alpha", "Beta"):  # a single-task run writes the same files
         single = output.parent / f"single_{task}"
-        assert _predict(model, images, single, task).returncode == 0
-        assert _checksums(single) == _checksums(output / task)
+        assert _predict(model, images, single, task, *options).returncode == 0
+        assert _outputs(single) == _outputs(output / task)
+        assert sorted(_outputs(single)) == ["c2.nii.gz", "c2.npz", "c2.pkl", "dataset.json", "plans.json"]
     again = _predict_several(model, images, output, "all", "--combine")  # an earlier output: files replaced
     assert again.returncode == 0, again.output
     assert sorted(p.name for p in output.iterdir()) == ["Alpha", "Beta", "combined"]
-    assert _checksums(output / "Alpha") == _checksums(output.parent / "single_Alpha")
+    assert _outputs(output / "Alpha") == _outputs(output.parent / "single_Alpha")  # the .npz is kept
     one = _predict(model, images, output, "Alpha")  # one task into the several-task layout: pointed to its folder
     assert one.returncode == 2 and "holds predictions of several tasks" in one.stderr
     assert f"-o {output / 'Alpha'}" in one.stderr
     assert snapshot(images) == before and not temporaries(output.parent)
 
 
-def _single_task_writer(task_id: int):
-    """nnU-Net's predictor of a single-task run, writing the same map in merged values."""
-    def predict_from_files(self, input_folder, output_folder, **kwargs):
-        Path(output_folder).mkdir(parents=True, exist_ok=True)
-        for first in sorted(p for p in Path(input_folder).iterdir() if p.name.endswith("_0000.nii.gz")):
-            _write_fake_map(first, str(Path(output_folder) / first.name.replace("_0000", "")), *_FAKE_MAPS[task_id])
-    return predict_from_files
-
-
-def test_ctrl_c_mid_several_task_predict_leaves_no_output_and_a_rerun_finishes(predict_case, fake_stacked,
-                                                                               monkeypatch) -> None:
+def test_ctrl_c_mid_several_task_predict_leaves_whole_files_and_continue_finishes(predict_case, fake_predictor,
+                                                                                 monkeypatch) -> None:
     from nnunet_ext.tasks import predict as predict_module
 
     model, images, output = predict_case
+    _more_cases(images, "c3")
+    reference = output.parent / "reference"
+    assert _predict_several(model, images, reference, "all", "--combine").returncode == 0
     before = snapshot(model, images)
-    monkeypatch.setattr(predict_module, "relabel", _InterruptAfter(predict_module.relabel, 2))
+    # c2: Alpha's, Beta's and the combined map written; c3: Alpha's written, then ^C
+    monkeypatch.setattr(predict_module, "write_segmentation", _InterruptAfter(predict_module.write_segmentation, 5))
     outcome = _predict_several(model, images, output, "all", "--combine")
-    assert_refused(outcome, ["Interrupted"], before=before, after=snapshot(model, images), absent=[output],
-                   clean=[output.parent])
+    assert_refused(outcome, ["Interrupted"], before=before, after=snapshot(model, images), clean=[output.parent])
+    written = _outputs(output)
+    assert "Alpha/c3.nii.gz" in written and "Beta/c3.nii.gz" not in written
+    assert written == {k: v for k, v in _outputs(reference).items() if k in written}
     monkeypatch.undo()
-    _use_fake_stacked(monkeypatch)
-    rerun = _predict_several(model, images, output, "all", "--combine")
+    _use_fakes(monkeypatch)
+    fake_predictor.calls.clear()
+    rerun = _predict_several(model, images, output, "all", "--combine", "--continue_prediction")
     assert rerun.returncode == 0, rerun.output
-    assert sorted(p.name for p in output.iterdir()) == ["Alpha", "Beta", "combined"]
+    assert next(call for call in fake_predictor.calls if "cases" in call)["cases"] == ["c3"]
+    assert _outputs(output) == _outputs(reference)
+    assert not temporaries(output.parent)

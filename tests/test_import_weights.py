@@ -29,8 +29,9 @@ from nnunet_ext.testing.hostile import assert_refused, run_cli, snapshot
 
 FIXTURES = Path(__file__).parent / "fixtures" / "official_keys"
 FIXTURE_OF = {"UniSeg": "uniseg", "BANet": "banet", "MCNetPlus": "mcnet", "LeFeD": "lefed", "DoDNet": "dodnet",
-              "TransDoDNet": "transdodnet", "CoTr": "cotr"}
-NEW = ("MCNetPlus", "LeFeD", "DoDNet", "TransDoDNet", "CoTr")  # UniSeg, BA-Net: tests/test_conventions.py
+              "TransDoDNet": "transdodnet", "CoTr": "cotr", "ClassSAM": "class_sam"}
+# UniSeg, BA-Net: tests/test_conventions.py; ClassSAM's import (two files): tests/test_pretrained_finetune.py
+NEW = ("MCNetPlus", "LeFeD", "DoDNet", "TransDoDNet", "CoTr", "ClassSAM")
 
 
 def fixture(name: str) -> dict:
@@ -304,7 +305,8 @@ def test_existing_output_is_kept_unless_forced(tmp_path, dodnet_checkpoint):
 
 def test_other_refusals(tmp_path, dodnet_checkpoint):
     path, _ = dodnet_checkpoint
-    refused(tmp_path, ["ClassSAM", str(path)], ["ClassSAM has no official key map yet"], [path])
+    refused(tmp_path, ["ClassSAM", str(path)], ["holds DoDNet weights, not SurgicalSAM's", "import-weights DoDNet"],
+            [path])
     refused(tmp_path, ["DoDnet", str(path)], ["Unknown network 'DoDnet'", "DoDNet"], [path])
     refused(tmp_path, ["DoDNet", str(tmp_path / "absent.pth")], ["does not exist"], [path])
     v2 = tmp_path / "checkpoint_final.pth"

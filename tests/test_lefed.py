@@ -9,11 +9,10 @@ import torch
 
 from nnunet_ext import compat
 from nnunet_ext.architectures.blocks.vnet import upsample
-from nnunet_ext.architectures.lefed import (LeFeD, LeFeDOutput, discrepancy_feedback, paper_lefed,
-                                            vnet_strides)
+from nnunet_ext.architectures.lefed import LeFeD, LeFeDOutput, discrepancy_feedback, paper_lefed, strides_from_plans
 from nnunet_ext.trainers.base import METHOD_STATE_KEY
-from nnunet_ext.trainers.lefed import (IterationStepLR, LeFeDLoss, LeFeDTrainer, lefed_learning_rate,
-                                       official_dice_loss)
+from nnunet_ext.losses.semi_supervised import LeFeDLoss
+from nnunet_ext.trainers.lefed import IterationStepLR, LeFeDTrainer, lefed_learning_rate
 
 
 def count(module: torch.nn.Module) -> int:
@@ -35,12 +34,12 @@ def test_paper_configuration_has_the_papers_parameter_count():
     assert [count(m) for m in parts] == [7_376_896, 2_071_970, 2_898_850, 1_002]  # official code: 7.38/2.07/2.90 M
 
 
-def test_vnet_strides_take_the_plans_first_four_downsamplings():
-    assert vnet_strides([[1, 1, 1]] + [[2, 2, 2]] * 5) == ((2, 2, 2),) * 4
-    assert vnet_strides([[1, 1, 1], [1, 2, 2], [2, 2, 2]]) == ((1, 2, 2), (2, 2, 2), (1, 1, 1), (1, 1, 1))
-    assert vnet_strides([1, 2, 2, 2, 2], dim=2) == ((2, 2),) * 4
-    with pytest.raises(ValueError, match="first stride"):
-        vnet_strides([[2, 2, 2]] * 5)
+def test_strides_from_plans_take_the_plans_first_four_downsamplings():
+    assert strides_from_plans([[1, 1, 1]] + [[2, 2, 2]] * 5) == [[2, 2, 2]] * 4
+    assert strides_from_plans([[1, 1, 1], [1, 2, 2], [2, 2, 2]]) == [[1, 2, 2], [2, 2, 2], [1, 1, 1], [1, 1, 1]]
+    assert strides_from_plans([1, 2, 2, 2, 2], dim=2) == [[2, 2]] * 4
+    with pytest.raises(ValueError, match="first stride is \\[2, 2, 2\\]"):
+        strides_from_plans([[2, 2, 2]] * 5)
 
 
 @pytest.mark.parametrize("plan_strides, patch, channels, classes", [
@@ -50,7 +49,7 @@ def test_vnet_strides_take_the_plans_first_four_downsamplings():
     ([[1, 1]] + [[2, 2]] * 5, (32, 64), 3, 2),  # 2D plans
 ])
 def test_shapes_follow_the_plans(plan_strides, patch, channels, classes):
-    strides = vnet_strides(plan_strides, len(patch))
+    strides = strides_from_plans(plan_strides, len(patch))
     network = tiny(channels, classes, strides)
     x = torch.randn(2, channels, *patch)
     out = network(x)
@@ -128,45 +127,6 @@ def test_feedback_is_added_to_the_encoder_stages_and_detached():
     assert not torch.allclose(network(x, big, True).logits1, out.logits1)
     with pytest.raises(ValueError, match="5 tensors"):
         network(x, feedback[:4])
-
-
-# ---------------------------------------------------------------------------------------------
-# loss
-# ---------------------------------------------------------------------------------------------
-def reference_dice(probabilities: torch.Tensor, labels: torch.Tensor, ignore: int | None = None) -> torch.Tensor:
-    """The official binary dice_loss, written out per class with numpy-style sums, mean over foreground."""
-    values = []
-    keep = torch.ones_like(labels, dtype=torch.bool) if ignore is None else labels != ignore
-    for c in range(1, probabilities.shape[1]):
-        p = probabilities[:, c][keep[:, 0]]
-        t = (labels[:, 0][keep[:, 0]] == c).double()
-        values.append(1 - (2 * (p * t).sum() + 1e-5) / ((p ** 2).sum() + (t ** 2).sum() + 1e-5))
-    return sum(values) / len(values)
-
-
-@pytest.mark.parametrize("classes, ignore", [(2, None), (3, 3)])
-def test_loss_is_dice_both_decoders_plus_weighted_side_dice_plus_mse(classes, ignore):
-    torch.manual_seed(1)
-    shape = (4, classes, 4, 6, 6)
-    outputs = LeFeDOutput(torch.randn(shape), torch.randn(shape), [torch.randn(shape) for _ in range(5)], [], [])
-    labels = torch.randint(0, classes + (ignore is not None), (2, 1, *shape[2:])).float()
-    loss = LeFeDLoss(ignore_label=ignore)
-    soft = [torch.softmax(t.double(), 1) for t in (outputs.logits1, outputs.logits2, *outputs.side)]
-    expected = (reference_dice(soft[0][:2], labels, ignore) + reference_dice(soft[1][:2], labels, ignore)
-                + sum(w * reference_dice(s[:2], labels, ignore) for w, s in zip((0.8, 0.6, 0.4, 0.2, 0.1), soft[2:]))
-                + ((soft[0] - soft[1]) ** 2).mean())  # consistency on all four patches, weight 1
-    assert float(loss(outputs, labels, 2)) == pytest.approx(float(expected), rel=1e-5)
-    terms = loss.terms(outputs, labels, 2)
-    assert float(terms["consistency"]) == pytest.approx(float(((soft[0] - soft[1]) ** 2).mean()), rel=1e-5)
-    with pytest.raises(TypeError, match="full-resolution target"):
-        loss(outputs, [labels], 2)
-
-
-def test_official_dice_is_zero_for_a_perfect_prediction_and_one_when_disjoint():
-    labels = torch.tensor([0, 1, 1, 0]).view(1, 1, 4)
-    perfect = torch.stack([1 - labels[:, 0], labels[:, 0]], 1).float()
-    assert float(official_dice_loss(perfect, labels)) == pytest.approx(0, abs=1e-6)
-    assert float(official_dice_loss(perfect.flip(1), labels)) == pytest.approx(1, abs=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

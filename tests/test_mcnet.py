@@ -12,12 +12,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnunet_ext import compat
-from nnunet_ext.architectures.mcnet import MCNet, downsampling_from_plans, paper_mcnet
+from nnunet_ext.architectures.mcnet import MCNet, paper_mcnet, strides_from_plans
 from nnunet_ext.testing.harness import run_stock
 from nnunet_ext.trainers.base import METHOD_STATE_KEY
-from nnunet_ext.trainers.mcnet import (MCNetDiceLoss, MCNetPlusTrainer, mutual_consistency_loss, sharpen)
+from nnunet_ext.losses.semi_supervised import MCNetDiceLoss, mutual_consistency_loss
+from nnunet_ext.trainers.mcnet import MCNetPlusTrainer
 from nnunet_ext.trainers.semi_supervised import sigmoid_rampup
 from semi_support import SEMI_DATASET_ID, make_trainer, nnunet_environment, semi_root
+from test_losses import reference_binary_dice_loss, reference_consistency
 
 
 def count(module: nn.Module) -> int:
@@ -39,13 +41,13 @@ def test_paper_encoder_and_decoder_sizes():
     network = paper_mcnet()
     assert abs(count(network.encoder) - 7.38e6) <= 0.01 * 7.38e6
     for decoder, paper in zip(network.decoder.decoders, (2.07e6, 2.90e6, 2.90e6)):
-        assert abs(count(decoder) - paper) <= 0.01 * paper, (decoder.upsampling, count(decoder))
+        assert abs(count(decoder) - paper) <= 0.01 * paper, (decoder.mode, count(decoder))
 
 
 def test_decoders_differ_only_in_upsampling():
     network = paper_mcnet()
     first, second, third = network.decoder.decoders
-    assert [d.upsampling for d in network.decoder.decoders] == ["transpose", "trilinear", "nearest"]
+    assert [d.mode for d in network.decoder.decoders] == ["transposed", "linear", "nearest"]
     assert isinstance(first.ups[0].conv, nn.ConvTranspose3d) and first.ups[0].conv.kernel_size == (2, 2, 2)
     for decoder, mode in ((second, "trilinear"), (third, "nearest")):
         up = decoder.ups[0].eval()
@@ -108,12 +110,12 @@ def test_input_not_divisible_by_the_total_stride_is_refused():
 
 def test_downsampling_from_nnunet_plans():
     plans = [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2], [1, 2, 2]]
-    assert downsampling_from_plans(plans) == plans[1:5]  # the paper's depth: 4 downsamplings
-    assert downsampling_from_plans(plans[:3]) == plans[1:3]  # fewer where the plans have fewer
-    with pytest.raises(ValueError, match="stride-1 stage"):
-        downsampling_from_plans([[2, 2, 2], [2, 2, 2]])
+    assert strides_from_plans(plans) == plans[1:5]  # the paper's depth: 4 downsamplings
+    assert strides_from_plans(plans[:3]) == plans[1:3]  # fewer where the plans have fewer
+    with pytest.raises(ValueError, match="MC-Net\\+ keeps its first stage at full resolution"):
+        strides_from_plans([[2, 2, 2], [2, 2, 2]])
     with pytest.raises(ValueError, match="no downsampling"):
-        downsampling_from_plans([[1, 1, 1]])
+        strides_from_plans([[1, 1, 1]])
 
 
 def test_consistency_alone_trains_the_encoder_and_every_decoder():
@@ -123,75 +125,6 @@ def test_consistency_alone_trains_the_encoder_and_every_decoder():
     mutual_consistency_loss([torch.softmax(o, 1) for o in outputs]).backward()
     for name, parameter in network.named_parameters():
         assert parameter.grad is not None and parameter.grad.abs().sum() > 0, f"no gradient for {name}"
-
-
-# ---------------------------------------------------------------------------------------------
-# loss pieces against slow references
-# ---------------------------------------------------------------------------------------------
-def reference_sharpen(p: np.ndarray, temperature: float = 0.1) -> np.ndarray:
-    out = np.empty_like(p)
-    for index, value in np.ndenumerate(p):
-        out[index] = value ** (1 / temperature) / (value ** (1 / temperature) + (1 - value) ** (1 / temperature))
-    return out
-
-
-def reference_consistency(probabilities: list[np.ndarray]) -> float:
-    total = 0.0
-    for i in range(len(probabilities)):
-        for j in range(len(probabilities)):
-            if i != j:
-                total += float(np.mean((probabilities[i] - reference_sharpen(probabilities[j])) ** 2))
-    return total
-
-
-def random_probabilities(n: int, shape=(3, 2, 4, 5, 6), seed: int = 0) -> list[torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    return [torch.softmax(2 * torch.randn(shape, generator=generator, dtype=torch.float64), 1) for _ in range(n)]
-
-
-def test_sharpen_against_reference():
-    p = random_probabilities(1)[0]
-    np.testing.assert_allclose(sharpen(p).numpy(), reference_sharpen(p.numpy()), rtol=1e-10, atol=1e-12)
-    assert sharpen(torch.tensor([0.5])).item() == 0.5 and sharpen(torch.tensor([0.6])).item() > 0.98
-
-
-@pytest.mark.parametrize("n", [2, 3])
-def test_consistency_against_a_loop_over_ordered_pairs(n):
-    probabilities = random_probabilities(n, seed=n)
-    ours = mutual_consistency_loss(probabilities).item()
-    assert ours == pytest.approx(reference_consistency([p.numpy() for p in probabilities]), rel=1e-10)
-
-
-def test_consistency_gradient_reaches_the_sharpened_side_too():
-    """Nothing detached (official): the gradient equals that of the full formula, not of a stop-gradient one."""
-    leaves = [p.clone().requires_grad_(True) for p in random_probabilities(3, seed=5)]
-    mutual_consistency_loss(leaves).backward()
-    ours = [leaf.grad.clone() for leaf in leaves]
-    for detached in (False, True):
-        copies = [p.detach().clone().requires_grad_(True) for p in leaves]
-        total = sum(torch.mean((copies[i] - (sharpen(copies[j]).detach() if detached else sharpen(copies[j]))) ** 2)
-                    for i in range(3) for j in range(3) if i != j)
-        total.backward()
-        same = all(torch.allclose(a, c.grad) for a, c in zip(ours, copies))
-        assert same != detached
-
-
-def reference_binary_dice_loss(probabilities: torch.Tensor, label: torch.Tensor) -> float:
-    """The official Binary_dice_loss: 1 - (2 sum(p y) + eps) / (sum p + sum y + eps) over the whole batch."""
-    p, y = probabilities[:, 1].double(), (label[:, 0] == 1).double()
-    return float(1 - (2 * (p * y).sum() + 1e-8) / (p.sum() + y.sum() + 1e-8))
-
-
-def test_dice_is_the_official_binary_dice_for_two_classes_and_masks_ignored_voxels():
-    torch.manual_seed(1)
-    logits, label = torch.randn(2, 2, 4, 6, 6), torch.randint(0, 2, (2, 1, 4, 6, 6))
-    ours = MCNetDiceLoss()(logits, label).item()
-    assert ours == pytest.approx(reference_binary_dice_loss(torch.softmax(logits, 1), label), abs=1e-6)
-    with_ignore = label.clone()
-    with_ignore[:, :, :2] = 2
-    masked = MCNetDiceLoss(ignore_label=2)(logits, with_ignore).item()
-    kept = torch.softmax(logits, 1)[:, :, 2:]
-    assert masked == pytest.approx(reference_binary_dice_loss(kept, label[:, :, 2:]), abs=1e-6)
 
 
 def loss_only_trainer(iteration: int = 0) -> MCNetPlusTrainer:
@@ -301,7 +234,7 @@ def test_trainer_builds_mcnet_from_nnunet_default_plans(root):
     configuration = trainer.configuration_manager
     network = MCNetPlusTrainer.build_network_architecture(trainer.plans_manager, configuration, 1,
                                                           trainer.label_manager.num_segmentation_heads, False)
-    assert network.strides == downsampling_from_plans(configuration.pool_op_kernel_sizes)
+    assert network.strides == strides_from_plans(configuration.pool_op_kernel_sizes)
     patch = tuple(configuration.patch_size)
     outputs = network(torch.randn(2, 1, *patch))
     assert len(outputs) == 3 and all(tuple(o.shape[2:]) == patch for o in outputs)

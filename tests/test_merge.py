@@ -195,6 +195,83 @@ def test_separate_label_and_task_names(raw: Path) -> None:
     assert (result.folder / "labelsTr" / "T02C_synth_000.nii.gz").is_file()
 
 
+# ---------------------------------------------------------------------------- worker processes and progress
+
+
+def test_worker_processes_write_the_same_bytes_as_one(raw: Path, merged: Path, source_checksums) -> None:
+    """-np 2 (spawned workers check and write) gives the serial merge's files, byte for byte."""
+    result = merge_datasets(raw, SOURCE_IDS, 530, "Universal", num_processes=2)
+    assert (result.status, result.linked, result.copied, result.padded, result.labels) == \
+        ("created", 4 * (1 + 2 + 4), 0, 4 * (3 + 2), 9)
+    assert _checksums(result.folder) == _checksums(merged)
+    assert not temporaries(raw)
+    _sources_untouched(raw, source_checksums)
+
+
+def test_a_bad_file_found_by_a_worker_is_refused_as_in_one_process(tmp_path: Path) -> None:
+    _make_source(tmp_path, 1, "Good", {"background": 0, "liver": 1}, cases=3)
+    bad = _make_source(tmp_path, 2, "Bad", {"background": 0, "liver": 1}, cases=3)
+    data = (bad / "imagesTr" / "c2_0000.nii.gz").read_bytes()
+    (bad / "imagesTr" / "c2_0000.nii.gz").write_bytes(data[: len(data) // 2])
+    for processes in (1, 2):
+        with pytest.raises(UserFacingError, match=r"Dataset002_Bad/imagesTr/c2_0000.nii.gz: image cannot be decoded"):
+            merge_datasets(tmp_path, [1, 2], 900, "Out", num_processes=processes)
+    assert not (tmp_path / "Dataset900_Out").exists() and not temporaries(tmp_path)
+
+
+def test_ctrl_c_while_workers_write_stops_them_and_leaves_no_output(raw: Path, monkeypatch) -> None:
+    import multiprocessing
+
+    from nnunet_ext.tasks import merge as merge_module
+
+    class InterruptedBar:
+        """The progress bar, with Ctrl-C arriving at the 30th file (28 links come first, then the workers')."""
+
+        def __init__(self, iterable=None, total=None, desc=""):  # noqa: ANN001 - tqdm's signature
+            self.iterable, self.desc, self.count = iterable, desc, 0
+
+        def __iter__(self):
+            return iter(self.iterable)
+
+        def __enter__(self) -> "InterruptedBar":
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            return None
+
+        def update(self, n: int = 1) -> None:
+            self.count += n
+            if self.count == 30:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(merge_module, "progress", InterruptedBar)
+    with pytest.raises(KeyboardInterrupt):
+        merge_datasets(raw, SOURCE_IDS, 531, "Interrupted", num_processes=2)
+    assert not (raw / "Dataset531_Interrupted").exists() and not temporaries(raw)
+    assert not multiprocessing.active_children(), "worker processes outlived the interrupt"
+
+
+def test_progress_bars_only_on_a_terminal(monkeypatch, capsys) -> None:
+    import io
+    import sys
+
+    from nnunet_ext.parallel import imap, progress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    assert list(imap(abs, [-1, -2, 3], 1)) == [1, 2, 3]
+    with progress(total=2, desc="cases") as bar:  # pytest's captured stderr is no terminal
+        assert bar.disable
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    with progress(total=2, desc="cases") as bar:
+        assert not bar.disable
+        bar.update(2)
+    assert "cases:" in terminal.getvalue() and "/2 [" in terminal.getvalue()
+
+
 # ---------------------------------------------------------------------------- re-runs
 
 
@@ -378,6 +455,8 @@ def test_cli_merges_and_reports_errors_with_exit_status_2(raw: Path, monkeypatch
     assert "nnunet-ext merge: error:" in err and "Dataset510_Cli" in err
     assert main(["merge", "-d", "971", "999", "-o", "511"]) == 2
     assert "no dataset with id 999" in capsys.readouterr().err
+    assert main(["merge", "-d", "971", "-o", "512", "-np", "0"]) == 2
+    assert "-np must be at least 1" in capsys.readouterr().err
 
 
 class _InProcessPool:

@@ -189,3 +189,45 @@ def test_citation_file_cites_nnunet_and_every_method():
         if method.key in ("base", "universal"):
             continue
         assert method.title.split(" ")[0].lower().replace("-", "") in text.replace("-", ""), method.title
+
+
+# --- segment-anything: the optional `sam` extra ----------------------------------------------------------
+
+def test_segment_anything_is_the_sam_extra_and_the_test_extra_has_it():
+    project = PYPROJECT["project"]
+    assert "segment-anything" not in _requirement_names(project["dependencies"])
+    extras = {name: _requirement_names(requirements) for name, requirements in project["optional-dependencies"].items()}
+    assert set(extras["sam"]) == {"segment-anything"}
+    assert extras["sam"]["segment-anything"] in extras["test"].values(), "the test extra runs the ClassSAM tests"
+
+
+WITHOUT_SEGMENT_ANYTHING = """
+import sys
+
+
+class Blocker:  # segment_anything not installed
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] == 'segment_anything':
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+
+sys.meta_path.insert(0, Blocker())
+import torch
+from nnunet_ext.architectures.class_sam import build_sam
+from nnunet_ext.errors import UserFacingError
+from nnunet_ext.trainers.class_sam import ClassSAMTrainer
+
+for build in (lambda: ClassSAMTrainer({}, '2d', 0, {}, torch.device('cpu')), lambda: build_sam('tiny')):
+    try:
+        build()
+    except UserFacingError as error:
+        print(error)
+"""
+
+
+def test_class_sam_without_segment_anything_says_how_to_install_it():
+    """The modules import without the extra; creating the trainer or a SAM network is one line naming it."""
+    result = subprocess.run([sys.executable, "-c", WITHOUT_SEGMENT_ANYTHING], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines() == ['ClassSAMTrainer needs segment-anything: pip install "nnunet-ext[sam]"'] * 2

@@ -8,19 +8,17 @@ Three levels, cheapest first:
 * nnU-Net's predictor (random-weight model folders of every universal trainer, two folds, mirroring):
   the stacked sliding-window logits equal the per-task ones exactly;
 * the command (slow; nnU-Net's preprocessing and export run in spawned processes): ``--task all
-  --combine`` with two folds and mirroring on every axis writes per task the same files as ``--task T``
-  runs, and the combined map follows the documented rule.
+  --combine --save_probabilities`` with two folds and mirroring on every axis writes per task the same
+  files (label maps, probabilities, dataset.json, plans.json) as ``--task T`` runs, and the combined
+  map follows the documented rule. The cheap version of that check, with ``-num_parts`` too, and the
+  comparison of one task with nnU-Net's own route: tests/test_predict_parity.py.
 
-Model folders are built from the merged synthetic family's plans (the session's ``universal_root``)
-with random weights, two folds of different seeds: equality of outputs does not depend on training,
-and the routes (the trainer named in the checkpoint builds the network, nnU-Net's predictor loads
-the folds) are the real ones.
+Model folders: :func:`predict_support.random_weight_model` (random weights, two folds, built once
+per session from the merged synthetic family's plans).
 Bad input and the ``--combine`` rule on crafted overlaps: tests/test_hostile_merge_predict.py.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import shutil
 from pathlib import Path
 
@@ -31,6 +29,7 @@ from torch import nn
 
 from nnunet_ext.tasks.all_tasks import AllTasksNetwork, combine_segmentations
 from nnunet_ext.tasks.task_map import TaskMap
+from predict_support import outputs, random_weight_model
 
 TRAINERS = ["nnUNetUniversalTrainer", "UniSegTrainer", "DoDNetTrainer", "TransDoDNetTrainer"]
 
@@ -167,42 +166,10 @@ def test_combine_gives_each_voxel_the_first_tasks_foreground_label() -> None:
 # --- model folders of every universal trainer (random weights) --------------------------------------
 
 
-_MODELS: dict[str, Path] = {}
-
-
-def _model_folder(root, trainer_name: str, base: Path) -> Path:
-    """A model folder as nnUNetv2_train leaves it, two folds of random weights (seeds 0 and 1)."""
-    if trainer_name in _MODELS:
-        return _MODELS[trainer_name]
-    from nnunet_ext import compat
-    from nnunet_ext.trainers.dodnet import DODNET_PLANS_KEY
-    from nnunet_ext.trainers.universal import TASKS_PLANS_KEY
-
-    dataset_json = json.loads((root.dataset_raw / "dataset.json").read_text())
-    task_map = TaskMap.from_dataset_json(dataset_json)
-    plans = json.loads((root.preprocessed / root.dataset_name / "nnUNetPlans.json").read_text())
-    plans = {**plans, TASKS_PLANS_KEY: task_map.to_dict(), DODNET_PLANS_KEY: {"nested_labels": {}}}
-    plans_manager, configuration = compat.plans_and_configuration(plans, "3d_fullres")
-    trainer = compat.find_trainer_class(trainer_name)
-    folder = base / f"{trainer_name}__nnUNetPlans__3d_fullres"
-    for fold in (0, 1):
-        torch.manual_seed(fold)
-        network = trainer.build_network_architecture(plans_manager, configuration, task_map.max_channels,
-                                                     task_map.num_classes, False)
-        (folder / f"fold_{fold}").mkdir(parents=True)
-        torch.save({"network_weights": network.state_dict(), "trainer_name": trainer_name,
-                    "init_args": {"configuration": "3d_fullres"}, "inference_allowed_mirroring_axes": (0, 1, 2)},
-                   folder / f"fold_{fold}" / "checkpoint_final.pth")
-    (folder / "plans.json").write_text(json.dumps(plans))
-    (folder / "dataset.json").write_text(json.dumps(dataset_json))
-    _MODELS[trainer_name] = folder
-    return folder
-
-
 @pytest.fixture
 def model(universal_root, tmp_path_factory, request) -> Path:
     """A random-weight model folder of the trainer ``request.param`` on the session's merged family."""
-    return _model_folder(universal_root, request.param, tmp_path_factory.mktemp(request.param))
+    return random_weight_model(universal_root, request.param, tmp_path_factory.mktemp(request.param))
 
 
 @pytest.mark.parametrize("model", [t if t == "nnUNetUniversalTrainer" else pytest.param(t, marks=pytest.mark.slow)
@@ -235,10 +202,6 @@ def test_stacked_sliding_window_logits_equal_per_task_logits(model: Path) -> Non
 # --- the command ------------------------------------------------------------------------------------
 
 
-def _checksums(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
-
-
 def _read(path: Path) -> np.ndarray:
     import SimpleITK as sitk
 
@@ -256,7 +219,8 @@ def test_all_tasks_command_writes_what_single_task_runs_write(universal_root, mo
     images = tmp_path / "images"
     shutil.copytree(source / "imagesTs", images)
     before = snapshot(images)
-    common = ["-i", str(images), "-m", str(model), "-f", "0", "1", "-device", "cpu", "-npp", "1", "-nps", "1"]
+    common = ["-i", str(images), "-m", str(model), "-f", "0", "1", "-device", "cpu", "-npp", "1", "-nps", "1",
+              "--save_probabilities"]
     out = tmp_path / "all"
     outcome = run_cli(["predict", "--task", "all", "--combine", "-o", str(out), *common])
     assert outcome.returncode == 0, outcome.output
@@ -266,7 +230,7 @@ def test_all_tasks_command_writes_what_single_task_runs_write(universal_root, mo
         single = tmp_path / task.name
         result = run_cli(["predict", "--task", task.name, "-o", str(single), *common])
         assert result.returncode == 0, result.output
-        assert _checksums(out / task.name) == _checksums(single), task.name  # same files, same dataset.json
+        assert outputs(out / task.name) == outputs(single), task.name  # same maps, probabilities, dataset.json
         from_source = {s: m for m, s in task.to_source.items()}
         merged_maps.append(np.vectorize(from_source.get)(_read(single / "synth_004.nii.gz")))
     combined = _read(out / "combined" / "synth_004.nii.gz")

@@ -12,13 +12,14 @@ import torch
 
 from nnunet_ext import compat
 from nnunet_ext.architectures.blocks.deformable_attention import MultiScaleDeformableAttention3D
-from nnunet_ext.architectures.dodnet import SigmoidLabelCoding
+from nnunet_ext.architectures.dodnet import DoDNet, SigmoidLabelCoding
 from nnunet_ext.architectures.transdodnet import (PAPER_STRIDES, TransDoDAttention, TransDoDNet,
                                                   deepnorm_coefficients, paper_transdodnet, strides_from_plans)
 from nnunet_ext.tasks.conditioning import is_masked
 from nnunet_ext.testing.harness import load_trainer, predict_task_and_check, train_stock
 from nnunet_ext.trainers.dodnet import DoDNetLoss
 from nnunet_ext.trainers.transdodnet import TransDoDNetTrainer, WarmupPolyLRScheduler
+from test_dodnet import SMALL as DODNET_SMALL
 from test_dodnet import synthetic_map
 
 TRAINER = "TransDoDNetTrainer"
@@ -141,11 +142,15 @@ def test_tasks_change_the_output_and_a_mixed_batch_equals_one_task_at_a_time():
         assert not torch.allclose(other, network(x[1:2]), atol=1e-4)
 
 
-def test_eval_mode_returns_masked_class_scores_with_the_coding_rule():
+@pytest.mark.parametrize("network_class", ["DoDNet", "TransDoDNet"])
+def test_eval_mode_returns_masked_class_scores_with_the_coding_rule(network_class):
     coding = SigmoidLabelCoding(synthetic_map(), {"lesion": "liver"})
-    network = _small(3, 3, coding=coding)
+    if network_class == "DoDNet":
+        torch.manual_seed(0)
+        network, x = DoDNet(1, 3, 3, coding=coding, **DODNET_SMALL), torch.randn(2, 1, 8, 8, 8)
+    else:
+        network, x = _small(3, 3, coding=coding), torch.randn(2, 1, *PATCH)
     network.set_task(0)  # liver + kidney: spleen (3) and lesion (4) are not annotated
-    x = torch.randn(2, 1, *PATCH)
     assert network.train()(x).shape[1] == 3  # training: the sigmoid logits
     with torch.no_grad():
         scores = network.eval()(x)
@@ -153,7 +158,12 @@ def test_eval_mode_returns_masked_class_scores_with_the_coding_rule():
         keep = torch.tensor([True, True, True, False, False])
         assert is_masked(scores, keep)[:, 3:].all() and not is_masked(scores, keep)[:, :3].any()
         expected = coding.class_logits(network.head_logits(x), torch.zeros(2, dtype=torch.long)).argmax(1)
-    assert torch.equal(scores.argmax(1), expected)
+        assert torch.equal(scores.argmax(1), expected)
+        # per-sample tasks: each sample's scores are masked by its own task (task 2: kidney + spleen)
+        mixed = network(x, torch.tensor([0, 2]))
+        assert torch.equal(mixed[:1], scores[:1])
+        keep2 = torch.tensor([True, False, True, True, False])
+        assert is_masked(mixed[1:], keep2)[:, [1, 4]].all() and not is_masked(mixed[1:], keep2)[:, [0, 2, 3]].any()
 
 
 # --- trainer ------------------------------------------------------------------------------------

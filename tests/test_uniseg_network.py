@@ -252,7 +252,7 @@ def test_state_dict_has_no_task_buffers_and_no_second_encoder_copy_and_loads_wit
 def test_constructor_rejects_inconsistent_channels_and_patch():
     with pytest.raises(ValueError, match="max\\(task_channels\\) = 4"):
         UniSeg(input_channels=2, num_classes=2, patch_size=TINY_PATCH, task_channels=[1, 4], **SMALL_3D)
-    with pytest.raises(ValueError, match="divisible by the cumulative strides"):
+    with pytest.raises(ValueError, match="not divisible by the cumulative stride"):
         make_net(patch=[8, 24, 20])
 
 

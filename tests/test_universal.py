@@ -219,7 +219,6 @@ def test_task_aware_predict_writes_the_tasks_own_labels(universal_root, trained,
 
 def test_task_aware_predict_rejects_wrong_channel_counts(universal_root, trained, tmp_path):
     source_folder = next(universal_root.raw.glob(f"Dataset{DEFAULT_DATASET_IDS[1]:03d}_*"))  # 2 channels
-    result = run_stock.__wrapped__ if hasattr(run_stock, "__wrapped__") else None
     import subprocess
 
     completed = subprocess.run(["nnunet-ext", "predict", "--task", DEFAULT_SOURCES[0].name,  # 1-channel task

@@ -1,20 +1,25 @@
 """All nnunet-ext trainers, importable by class name (installed as ``nnunet_ext.trainers``).
 
-nnU-Net's lookup imports this (through ``nnunet_ext/discovery``) and takes the class by name. The
-list comes from ``nnunet_ext.registry``. A method whose module fails to import is reported with a
-warning and left out, so one broken optional dependency does not hide every other trainer.
+Nothing is imported until a trainer is asked for: ``nnunet_ext.trainers.CoTrTrainer`` (or ``from
+nnunet_ext.trainers import CoTrTrainer``) imports that method's module only, found through
+``nnunet_ext.registry``; an import error of a method's module surfaces when that trainer is asked
+for and hides no other. Each class lives in its method module (``nnunet_ext.trainers.cotr``), the
+name pickles (checkpoints, spawned workers) refer to. nnU-Net's lookup reaches this package through
+``nnunet_ext/discovery``.
 """
-import warnings
+from __future__ import annotations
 
 from nnunet_ext.registry import import_object, trainer_paths
 
-__all__ = []
+__all__ = sorted(trainer_paths())
 
-for _name, _path in trainer_paths().items():
-    try:
-        globals()[_name] = import_object(_path)
-    except Exception as _error:  # noqa: BLE001 - keep the other trainers discoverable
-        warnings.warn(f"nnunet-ext: trainer {_name} ({_path}) could not be imported and is unavailable: "
-                      f"{type(_error).__name__}: {_error}", RuntimeWarning, stacklevel=1)
-    else:
-        __all__.append(_name)
+
+def __getattr__(name: str) -> type:
+    path = trainer_paths().get(name)
+    if path is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return import_object(path)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

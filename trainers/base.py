@@ -17,6 +17,14 @@
    sets ``grad_clip``; ``optimizer_step`` is the backward/scale/clip/step sequence that every
    custom step of ours (semi-supervised passes, LeFeD's inner passes) shares. With
    ``grad_clip == 12`` nnU-Net's own ``train_step`` runs unchanged.
+4. One data-loading seam: ``get_dataloaders`` is written once here and methods configure it with
+   hooks instead of overriding it: ``data_loader_class`` / ``data_loader_kwargs`` (the patch sampler
+   of both streams, e.g. the universal trainers' task-aware loader), ``training_batches`` (the
+   training stream, e.g. the semi-supervised labelled + unlabelled batches or ClassSAM's cached
+   embeddings) and ``start_streams`` (nnU-Net's first ``next`` on each stream). A trainer that
+   configures none of them runs nnU-Net's own ``get_dataloaders``.
+5. ``refuse_regions(reason)``: the one refusal of region-based datasets (``regions`` in dataset.json)
+   for methods that cannot train on them, a one-line UserFacingError.
 
 The constructor is nnUNetTrainer's, unchanged (nnU-Net re-creates trainers from it).
 """
@@ -27,14 +35,18 @@ import sys
 
 import torch
 
-from nnunet_ext import atomic_io, compat
+from nnunet_ext import atomic_io, compat, pretrained
 from nnunet_ext.errors import UserFacingError, install_excepthook
 
 nnUNetTrainer = compat.base_trainer_class()
 install_excepthook()  # our trainers' one-line errors stay one line under nnUNetv2_train
+# -pretrained_weights: our networks' heads are named in nnunet_ext.pretrained.HEADS (others: nnU-Net's loader)
+pretrained.install()
 
 METHOD_STATE_KEY = "nnunet_ext_state"
 NNUNET_GRAD_CLIP = 12.0  # the max norm nnU-Net's train_step clips at
+#: the data hooks of ``nnUNetExtTrainer.get_dataloaders`` (a trainer overriding none runs nnU-Net's own)
+_DATA_HOOKS = ("data_loader_class", "data_loader_kwargs", "data_loader", "training_batches", "start_streams")
 SHORT_RUN_VARIABLES = {
     "NNUNET_EXT_NUM_EPOCHS": "num_epochs",
     "NNUNET_EXT_ITERS_PER_EPOCH": "num_iterations_per_epoch",
@@ -116,6 +128,69 @@ class nnUNetExtTrainer(nnUNetTrainer):
             if self.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(parameters, self.grad_clip)
             self.optimizer.step()
+
+    def refuse_regions(self, reason: str) -> None:
+        """Raise a one-line UserFacingError when the dataset is region-based (dataset.json ``regions``);
+        ``reason``: why this method cannot train on regions."""
+        if self.label_manager.has_regions:
+            raise UserFacingError(f"{type(self).__name__} does not support region-based datasets (dataset.json "
+                                  f"'regions'): {reason}. Train it on a dataset with plain labels, or use a trainer "
+                                  f"that supports regions (e.g. nnUNetTrainer, BANetTrainer).")
+
+    # --- data: one get_dataloaders, configured by the hooks below ---------------------------------
+    #: the patch sampler of the training and validation streams: nnU-Net's ``nnUNetDataLoader`` or a
+    #: subclass taking its arguments (plus ``data_loader_kwargs``)
+    data_loader_class = compat.nnunet_data_loader_class()
+
+    def data_loader_kwargs(self) -> dict:
+        """Keyword arguments ``data_loader_class`` takes besides nnU-Net's (default: none)."""
+        return {}
+
+    def data_loader(self, dataset, batch_size: int, patch_size, transforms):
+        """A ``data_loader_class`` sampler as nnU-Net's trainer makes one: ``patch_size`` crops (the larger
+        rotation-safe size for training), the configuration's final patch size, the trainer's
+        foreground oversampling."""
+        return self.data_loader_class(
+            dataset, batch_size, patch_size, self.configuration_manager.patch_size, self.label_manager,
+            oversample_foreground_percent=self.oversample_foreground_percent, sampling_probabilities=None,
+            pad_sides=None, transforms=transforms, probabilistic_oversampling=self.probabilistic_oversampling,
+            **self.data_loader_kwargs())
+
+    def augmenter(self, loader, num_processes: int, num_cached: int):
+        """``loader`` in the background augmenter nnU-Net uses (single-threaded for 0 processes)."""
+        return compat.background_augmenter(loader, num_processes, num_cached, self.device.type == "cuda")
+
+    def training_batches(self, dataset, transforms, initial_patch_size, num_processes: int):
+        """The training stream: nnU-Net's (one loader of ``batch_size`` patches in its augmenter)."""
+        loader = self.data_loader(dataset, self.batch_size, initial_patch_size, transforms)
+        return self.augmenter(loader, num_processes, max(6, num_processes // 2))
+
+    def start_streams(self, train, validation) -> None:
+        """Draw one batch of each stream, as nnU-Net does, so that its workers start now and a broken
+        stream fails before the first epoch."""
+        next(train)
+        next(validation)
+
+    def configures_data(self) -> bool:
+        """True when this trainer overrides one of the data hooks (else nnU-Net's ``get_dataloaders`` runs)."""
+        cls = type(self)
+        return any(getattr(cls, name) is not getattr(nnUNetExtTrainer, name) for name in _DATA_HOOKS)
+
+    def get_dataloaders(self):
+        """(training stream, validation stream) as nnU-Net's ``get_dataloaders``, built from the hooks."""
+        if not self.configures_data():
+            return super().get_dataloaders()  # nnU-Net's own, unchanged
+        if self.dataset_class is None:
+            self.dataset_class = compat.dataset_class_of_folder(self.preprocessed_dataset_folder)
+        train_transforms, validation_transforms, initial_patch_size = compat.trainer_data_transforms(self)
+        dataset_tr, dataset_val = self.get_tr_and_val_datasets()
+        processes = compat.augmentation_processes()
+        train = self.training_batches(dataset_tr, train_transforms, initial_patch_size, processes)
+        patch_size = self.configuration_manager.patch_size
+        validation = self.augmenter(self.data_loader(dataset_val, self.batch_size, patch_size, validation_transforms),
+                                    max(1, processes // 2) if processes else 0, max(3, processes // 4))
+        self.start_streams(train, validation)
+        return train, validation
 
     def method_state(self) -> dict:
         """State a method must keep across ``--c`` besides weights/optimiser; override in methods."""

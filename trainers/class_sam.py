@@ -44,6 +44,9 @@ Optimiser (official ``train.py``): Adam, lr 1e-3 (EndoVis2018; 1e-4 for EndoVis2
 has ``requires_grad=False`` and is not in the optimiser. 500 epochs (the official EndoVis2018
 number; nnU-Net's epochs are 250 iterations of nnU-Net's 2d batch). ``torch.compile`` is off
 (untested with SAM's decoder loop).
+
+``segment-anything`` is the optional ``sam`` extra (``pip install "nnunet-ext[sam]"``), imported when
+the trainer is created or its network built; without it the trainer stops with that one line.
 """
 from __future__ import annotations
 
@@ -55,7 +58,8 @@ import torch
 
 from nnunet_ext import compat
 from nnunet_ext.architectures.class_sam import (CHECKPOINT_VARIABLE, MODEL_TYPE_VARIABLE, ClassSAM,
-                                                SamCheckpointError, load_sam_checkpoint, sam_spec)
+                                                SamCheckpointError, load_sam_checkpoint, sam_spec,
+                                                segment_anything_modeling)
 from nnunet_ext.embedding_cache import CachedBatches, EmbeddingCache, build, module_digest
 from nnunet_ext.errors import UserFacingError
 from nnunet_ext.losses.class_prompt import ClassSAMLoss
@@ -177,6 +181,7 @@ class ClassSAMTrainer(nnUNetExtTrainer):
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
+        segment_anything_modeling()  # the `sam` extra: without it, one line now, before nnU-Net sets anything up
         super().__init__(plans, configuration, fold, dataset_json, device)
         patch_size = self.configuration_manager.patch_size
         if len(patch_size) != 2:
@@ -184,9 +189,7 @@ class ClassSAMTrainer(nnUNetExtTrainer):
                                 f"{configuration!r} has a {len(patch_size)}D patch {list(patch_size)}. Run "
                                 f"nnUNetv2_train DATASET 2d FOLD -tr ClassSAMTrainer (3D volumes are predicted "
                                 f"slice by slice).")
-        if self.label_manager.has_regions:
-            raise ClassSAMError("ClassSAMTrainer predicts one class per pixel (softmax over class logits); "
-                                "region-based datasets (dataset.json 'regions') are not supported.")
+        self.refuse_regions("it predicts one class per pixel (softmax over class logits)")
         self.enable_deep_supervision = False
         self.initial_lr, self.weight_decay, self.num_epochs = 1e-3, 1e-4, 500
         if CLASS_SAM_PLANS_KEY not in self.plans_manager.plans:  # plans that name it (a model folder's) win
@@ -256,25 +259,20 @@ class ClassSAMTrainer(nnUNetExtTrainer):
         super().on_train_start()
 
     # --- data -----------------------------------------------------------------------------------
-    def get_dataloaders(self):
+    def training_batches(self, dataset, transforms, initial_patch_size, num_processes: int):
+        """nnU-Net's augmented patches, or with the embedding cache, batches of cached embeddings (the
+        inference mirroring then follows the versions the cache holds)."""
         if not self.cache_settings.enabled:
-            return super().get_dataloaders()
-        if self.dataset_class is None:
-            self.dataset_class = compat.dataset_class_of_folder(self.preprocessed_dataset_folder)
-        _, val_transforms, _ = compat.trainer_data_transforms(self)
-        dataset_tr, dataset_val = self.get_tr_and_val_datasets()
-        patch_size = self.configuration_manager.patch_size
-        val_loader = compat.nnunet_data_loader_class()(
-            dataset_val, self.batch_size, patch_size, patch_size, self.label_manager,
-            oversample_foreground_percent=self.oversample_foreground_percent, sampling_probabilities=None,
-            pad_sides=None, transforms=val_transforms, probabilistic_oversampling=self.probabilistic_oversampling)
-        processes = compat.augmentation_processes()
-        validation = compat.background_augmenter(val_loader, 0 if processes == 0 else max(1, processes // 2),
-                                                 max(3, processes // 4), self.device.type == "cuda")
-        train = self.cached_batches(dataset_tr)
+            return super().training_batches(dataset, transforms, initial_patch_size, num_processes)
+        train = self.cached_batches(dataset)
         self.inference_allowed_mirroring_axes = _MIRROR_AXES[self.cache_settings.versions]
-        next(validation)
-        return train, validation
+        return train
+
+    def start_streams(self, train, validation) -> None:
+        if isinstance(train, CachedBatches):  # no workers to start: only the validation stream has them
+            next(validation)
+        else:
+            super().start_streams(train, validation)
 
     def embedding_cache(self) -> EmbeddingCache:
         network, settings = self.class_sam(), self.cache_settings

@@ -31,16 +31,15 @@ from __future__ import annotations
 
 import inspect
 import pydoc
-from typing import List, Sequence
 
 import numpy as np
 
 from nnunet_ext import compat
 from nnunet_ext.architectures.cotr import CoTr, deep_supervision_scales_for_strides
+from nnunet_ext.architectures.cotr import strides_from_plans as strides_from_pool_op_kernel_sizes
 from nnunet_ext.plans.cotr import COTR_CLASS_NAME
 from nnunet_ext.trainers.base import nnUNetExtTrainer
 
-COTR_STRIDED_STAGES = 4  # stem + three residual layers (paper widths: len(features))
 _COTR_DEFAULTS = {name: p.default for name, p in inspect.signature(CoTr).parameters.items()
                   if p.default is not inspect.Parameter.empty}
 
@@ -49,29 +48,6 @@ def deep_supervision_weights(n_outputs: int) -> np.ndarray:
     """Official CoTr loss weights: ``1/2^i`` for every output, normalised (4 outputs: [8, 4, 2, 1] / 15)."""
     weights = np.array([1 / (2 ** i) for i in range(n_outputs)])
     return weights / weights.sum()
-
-
-def strides_from_pool_op_kernel_sizes(pool_op_kernel_sizes: Sequence[Sequence[int]],
-                                      n_stages: int = COTR_STRIDED_STAGES) -> List[List[int]]:
-    """CoTr's per-stage strides from an nnU-Net 3D plan's pooling.
-
-    nnU-Net's list starts with the first stage's ``[1, 1, 1]``, then one entry per pooling. With at
-    least ``n_stages`` poolings CoTr takes the first ``n_stages`` (nnU-Net's BCV plan
-    ``[1,2,2], [2,2,2], [2,2,2], [2,2,2], [1,2,2]`` gives the paper's strides); with fewer, the
-    stem keeps nnU-Net's full-resolution first stage (``[1, 1, 1]``), then come the poolings, and
-    any missing deepest stages get stride 1. Either way the product divides nnU-Net's patch size,
-    because it is a sub-product of nnU-Net's poolings.
-    """
-    pools = [[int(v) for v in p] for p in pool_op_kernel_sizes]
-    if any(len(p) != 3 for p in pools):
-        raise ValueError(f"CoTr is a 3D network; these plans are not 3D (pool_op_kernel_sizes {pools}). "
-                         f"Train CoTrTrainer on a 3d configuration (3d_fullres).")
-    poolings = [p for p in pools[1:]] if pools and all(v == 1 for v in pools[0]) else pools
-    poolings = [p for p in poolings if any(v != 1 for v in p)]
-    if len(poolings) >= n_stages:
-        return poolings[:n_stages]
-    strides = [[1, 1, 1]] + poolings
-    return strides + [[1, 1, 1]] * (n_stages - len(strides))
 
 
 def names_cotr(configuration_manager) -> bool:
@@ -115,5 +91,6 @@ class CoTrTrainer(nnUNetExtTrainer):
     def _build_loss(self):
         loss = super()._build_loss()  # nnU-Net's Dice+CE (regions, ignore label, batch dice) in its DS wrapper
         if self.enable_deep_supervision:
-            loss = compat.deep_supervision_loss(loss.loss, deep_supervision_weights(len(self._get_deep_supervision_scales())))
+            weights = deep_supervision_weights(len(self._get_deep_supervision_scales()))
+            loss = compat.deep_supervision_loss(loss.loss, weights)
         return loss

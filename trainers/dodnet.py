@@ -8,8 +8,9 @@ task map in plans and checkpoints, ``nnunet-ext predict --task``). This trainer 
   strides via ``strides_from_plans``) with a :class:`SigmoidLabelCoding` of the merged label
   space: training outputs are per-task sigmoid logits, eval-mode outputs merged-class scores
   whose argmax is the paper's rule, so nnU-Net's validation and predictor work unchanged;
-* loss: :class:`DoDNetLoss`, the official Dice + BCE on the task's sigmoid channels (channels the
-  task lacks excluded), no deep supervision (``enable_deep_supervision = False``: official);
+* loss: :class:`nnunet_ext.losses.task_sigmoid.DoDNetLoss`, the official Dice + BCE on the task's
+  sigmoid channels (channels the task lacks excluded), no deep supervision
+  (``enable_deep_supervision = False``: official);
 * schedule (official README): SGD lr 1e-2, momentum 0.99, Nesterov, NO weight decay, poly 0.9,
   1000 epochs x 250 iterations; batch and patch from the plans (official 2, 64x192x192).
 
@@ -27,6 +28,7 @@ import torch
 from torch import nn
 
 from nnunet_ext.architectures.dodnet import DoDNet, SigmoidLabelCoding, strides_from_plans
+from nnunet_ext.losses.task_sigmoid import DoDNetLoss
 from nnunet_ext.tasks.task_map import TaskMap
 from nnunet_ext.trainers.universal import _unwrap, apply_default_task, nnUNetUniversalTrainer, task_map_from_plans
 
@@ -71,41 +73,6 @@ def build_dynamic_head_network(network_class, strides_rule, plans_manager, confi
                             deep_supervision=enable_deep_supervision, **chosen)
     apply_default_task(network, task_map)
     return network
-
-
-class DoDNetLoss(nn.Module):
-    """Official Dice + BCE over the task's sigmoid channels, computed per sample and channel.
-
-    Dice: ``1 - 2 sum(p t) / (sum p + sum t + 1)`` per sample and channel, BCE: mean over voxels;
-    each averaged over the samples annotating the channel, then over the channels (official
-    ``DiceLoss4MOTS`` / ``CELoss4MOTS``). Voxels of the merged ``ignore`` label count in neither.
-    Only batches of one task reach it from the universal base (``set_task``), but ``tasks`` per
-    sample works too."""
-
-    def __init__(self, coding: SigmoidLabelCoding, ignore_value: int | None = None, smooth: float = 1.0):
-        super().__init__()
-        self.coding, self.ignore_value, self.smooth = coding, ignore_value, smooth
-        self.task = 0
-
-    def set_task(self, task_id: int) -> None:
-        self.task = int(task_id)
-
-    def forward(self, logits: torch.Tensor, target: torch.Tensor, tasks: torch.Tensor | None = None) -> torch.Tensor:
-        if tasks is None:
-            tasks = torch.full((logits.shape[0],), self.task, dtype=torch.long, device=logits.device)
-        channels, valid = self.coding.encode(target, tasks)
-        voxels = torch.ones_like(target, dtype=logits.dtype) if self.ignore_value is None \
-            else (target != self.ignore_value).to(logits.dtype)
-        logits, channels = logits.float().flatten(2), channels.flatten(2)
-        voxels = voxels.float().flatten(2)
-        probabilities = torch.sigmoid(logits) * voxels
-        intersection = (probabilities * channels).sum(2)
-        dice = 1 - 2 * intersection / (probabilities.sum(2) + (channels * voxels).sum(2) + self.smooth)
-        bce = nn.functional.binary_cross_entropy_with_logits(logits, channels, reduction="none")
-        bce = (bce * voxels).sum(2) / voxels.sum(2).clamp(min=1)
-        weight = valid.to(logits.dtype)
-        per_channel = ((dice + bce) * weight).sum(0) / weight.sum(0).clamp(min=1)
-        return per_channel[weight.sum(0) > 0].mean()
 
 
 class DoDNetTrainer(nnUNetUniversalTrainer):

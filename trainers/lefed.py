@@ -11,7 +11,7 @@ optimiser step (``optimizer_step`` of the base: AMP and clipping as nnU-Net). Pa
 passes 2 and 3 feed back ``1e-3 * (decoder 2 features - decoder 1 features)`` of the previous pass,
 detached. The logged loss is the mean of the three passes' losses.
 
-Loss of every pass (:class:`LeFeDLoss`), as the official code:
+Loss of every pass (:class:`nnunet_ext.losses.semi_supervised.LeFeDLoss`), as the official code:
   Dice(decoder 1) + Dice(decoder 2) on the labelled part
   + 0.8, 0.6, 0.4, 0.2, 0.1 x side Dice (full-resolution stage first, bottleneck last)
   + MSE(softmax 1, softmax 2) on all patches, weight 1, nothing detached.
@@ -33,17 +33,16 @@ logits, labelled validation cases) and inference (decoder 1, one pass) are uncha
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 
 from nnunet_ext import compat
-from nnunet_ext.architectures.lefed import LeFeD, LeFeDOutput, discrepancy_feedback, vnet_strides
+from nnunet_ext.architectures.lefed import LeFeD, LeFeDOutput, discrepancy_feedback, strides_from_plans
+from nnunet_ext.losses.semi_supervised import LeFeDLoss
 from nnunet_ext.trainers.semi_supervised import nnUNetSemiSupervisedTrainer
 
-SIDE_WEIGHTS = (0.8, 0.6, 0.4, 0.2, 0.1)  # full-resolution side head first (official los1..los5)
 PASSES_PER_BATCH = 3
-DICE_SMOOTH = 1e-5
 
 
 def lefed_learning_rate(iteration: int, initial_lr: float = 0.01, step_size: int = 2500, gamma: float = 0.1) -> float:
@@ -68,47 +67,6 @@ class IterationStepLR:
         return lr
 
 
-def official_dice_loss(probabilities: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None
-                       ) -> torch.Tensor:
-    """The official ``dice_loss`` per foreground class (squared sums over the whole batch), averaged over
-    classes 1..C-1. ``target``: (B, 1, ...) label map; ``valid``: (B, 1, ...) mask of voxels to count."""
-    losses = []
-    for c in range(1, probabilities.shape[1]):
-        p = probabilities[:, c:c + 1]
-        t = (target == c).to(p.dtype)
-        if valid is not None:
-            p, t = p * valid, t * valid
-        dice = (2 * (p * t).sum() + DICE_SMOOTH) / ((p * p).sum() + (t * t).sum() + DICE_SMOOTH)
-        losses.append(1 - dice)
-    return torch.stack(losses).mean()
-
-
-class LeFeDLoss:
-    """One pass's loss (see the module docstring); ``terms`` gives the parts for logging and tests."""
-
-    def __init__(self, ignore_label: int | None = None, side_weights: Sequence[float] = SIDE_WEIGHTS,
-                 consistency_weight: float = 1.0):
-        self.ignore_label, self.side_weights = ignore_label, tuple(side_weights)
-        self.consistency_weight = consistency_weight
-
-    def terms(self, outputs: LeFeDOutput, target: torch.Tensor, labeled_count: int) -> dict[str, torch.Tensor]:
-        if isinstance(target, (list, tuple)):
-            raise TypeError("LeFeDLoss takes the full-resolution target only (enable_deep_supervision = False)")
-        target = target[:labeled_count]  # the base passes the labelled part's target only; kept explicit
-        valid = None if self.ignore_label is None else (target != self.ignore_label).float()
-
-        def dice(logits: torch.Tensor) -> torch.Tensor:
-            return official_dice_loss(torch.softmax(logits[:labeled_count].float(), 1), target, valid)
-
-        soft1, soft2 = torch.softmax(outputs.logits1.float(), 1), torch.softmax(outputs.logits2.float(), 1)
-        side = sum(w * dice(s) for w, s in zip(self.side_weights, outputs.side))
-        return {"dice1": dice(outputs.logits1), "dice2": dice(outputs.logits2), "side": side,
-                "consistency": self.consistency_weight * torch.mean((soft1 - soft2) ** 2)}
-
-    def __call__(self, outputs: LeFeDOutput, target: torch.Tensor, labeled_count: int) -> torch.Tensor:
-        return sum(self.terms(outputs, target, labeled_count).values())
-
-
 class LeFeDTrainer(nnUNetSemiSupervisedTrainer):
     """LeFeD in nnU-Net: three feedback passes per batch, official loss and step schedule."""
 
@@ -127,18 +85,16 @@ class LeFeDTrainer(nnUNetSemiSupervisedTrainer):
     @staticmethod
     def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
                                    num_output_channels: int, enable_deep_supervision: bool = True) -> LeFeD:
-        """LeFeD with the plans' first four downsampling strides (see ``vnet_strides``)."""
+        """LeFeD with the plans' first four downsampling strides (see ``strides_from_plans``)."""
         strides = configuration_manager.network_arch_init_kwargs.get("strides")
         if strides is None:
             strides = configuration_manager.pool_op_kernel_sizes
         dim = len(configuration_manager.patch_size)
         return LeFeD(input_channels=num_input_channels, num_classes=num_output_channels,
-                     strides=vnet_strides(strides, dim), deep_supervision=enable_deep_supervision)
+                     strides=strides_from_plans(strides, dim), deep_supervision=enable_deep_supervision)
 
     def initialize(self):
-        if self.label_manager.has_regions:
-            raise RuntimeError(f"{type(self).__name__}: LeFeD's losses are softmax-based; region-based training "
-                               f"('regions' in dataset.json) is not supported.")
+        self.refuse_regions("LeFeD's losses are softmax-based")
         self.lefed_loss = LeFeDLoss(self.label_manager.ignore_label)
         super().initialize()
 

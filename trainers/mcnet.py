@@ -2,12 +2,13 @@
 
 Network: :class:`nnunet_ext.architectures.mcnet.MCNet`, 3 decoders, built from the configuration's
 plans: input channels and classes from nnU-Net, per-level downsampling from the plans' strides
-(the first 4 pooling steps, the paper's depth; see ``downsampling_from_plans``), so nnU-Net's patch
+(the first 4 pooling steps, the paper's depth; see ``strides_from_plans``), so nnU-Net's patch
 size and anisotropic spacing work with the default ``nnUNetPlans``. 3D configurations only (the
 paper's 2D variant is a different, U-Net-based model). Inference uses decoder 1, as the paper.
 
 Batches: the semi-supervised base's 2 labelled + 2 unlabelled patches, one forward pass for all four
-(as official: BatchNorm sees both). Loss of one step, as the official ``train_mcnet_3d.py``:
+(as official: BatchNorm sees both). Loss of one step, as the official ``train_mcnet_3d.py`` (its pieces
+are in :mod:`nnunet_ext.losses.semi_supervised`):
 
     0.5 * sum_d Dice(p_d[labelled], y) + w(t) * sum_{i != j} MSE(p_i, sharpen(p_j))
 
@@ -38,54 +39,16 @@ Region-based datasets are refused (the method is softmax-based).
 """
 from __future__ import annotations
 
-from itertools import permutations
 from typing import Sequence
 
 import torch
-from torch import nn
 
 from nnunet_ext import compat
-from nnunet_ext.architectures.mcnet import MCNet, downsampling_from_plans
+from nnunet_ext.architectures.mcnet import MCNet, strides_from_plans
+from nnunet_ext.losses.semi_supervised import MCNetDiceLoss, mutual_consistency_loss
 from nnunet_ext.trainers.semi_supervised import labeled_part, nnUNetSemiSupervisedTrainer, sigmoid_rampup
 
-__all__ = ["MCNetPlusTrainer", "MCNetDiceLoss", "sharpen", "mutual_consistency_loss", "mcnet_from_plans"]
-
-
-def sharpen(probabilities: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
-    """P^(1/T) / (P^(1/T) + (1 - P)^(1/T)), element-wise (the paper's sharpening, T = 0.1)."""
-    power = 1.0 / temperature
-    high = probabilities ** power
-    return high / (high + (1.0 - probabilities) ** power)
-
-
-def mutual_consistency_loss(probabilities: Sequence[torch.Tensor], temperature: float = 0.1) -> torch.Tensor:
-    """sum over ordered pairs i != j of mean((p_i - sharpen(p_j))^2); nothing detached (as official)."""
-    if len(probabilities) < 2:
-        return probabilities[0].new_zeros(())
-    sharpened = [sharpen(p, temperature) for p in probabilities]
-    return sum(torch.mean((probabilities[i] - sharpened[j]) ** 2)
-               for i, j in permutations(range(len(probabilities)), 2))
-
-
-class MCNetDiceLoss(nn.Module):
-    """1 - soft Dice of the softmax foreground channels over the whole batch (official Binary_dice_loss,
-    generalised to the mean over foreground classes); voxels with nnU-Net's ignore label do not count."""
-
-    def __init__(self, ignore_label: int | None = None, ddp: bool = False, eps: float = 1e-8):
-        super().__init__()
-        from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
-
-        self.ignore_label = ignore_label
-        self.dice = MemoryEfficientSoftDiceLoss(apply_nonlin=lambda x: torch.softmax(x.float(), 1), batch_dice=True,
-                                                do_bg=False, smooth=eps, ddp=ddp)
-
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        mask = None
-        if self.ignore_label is not None:
-            ignored = target == self.ignore_label
-            mask = (~ignored).float()
-            target = torch.where(ignored, torch.zeros_like(target), target)
-        return 1.0 + self.dice(logits, target, loss_mask=mask)  # nnU-Net's Dice loss is -Dice
+__all__ = ["MCNetPlusTrainer", "mcnet_from_plans"]
 
 
 def mcnet_from_plans(configuration_manager, num_input_channels: int, num_output_channels: int,
@@ -95,7 +58,7 @@ def mcnet_from_plans(configuration_manager, num_input_channels: int, num_output_
     if len(patch) != 3:
         raise ValueError(f"MC-Net+ is a 3D network; this configuration has a {len(patch)}D patch {patch}. "
                          f"Train a 3D configuration (3d_fullres or 3d_lowres).")
-    strides = downsampling_from_plans(configuration_manager.pool_op_kernel_sizes)
+    strides = strides_from_plans(configuration_manager.pool_op_kernel_sizes)
     return MCNet(input_channels=num_input_channels, num_classes=num_output_channels, strides=strides,
                  num_decoders=num_decoders, inference=inference)
 
@@ -128,9 +91,7 @@ class MCNetPlusTrainer(nnUNetSemiSupervisedTrainer):
         return network
 
     def initialize(self):
-        if self.label_manager.has_regions:
-            raise ValueError(f"{type(self).__name__} trains softmax segmentations (as MC-Net+); this dataset is "
-                             f"region-based (dataset.json 'regions_class_order'), which it does not support.")
+        self.refuse_regions("MC-Net+'s losses are softmax-based")
         super().initialize()
 
     def configure_optimizers(self):

@@ -164,43 +164,24 @@ class nnUNetSemiSupervisedTrainer(nnUNetExtTrainer):
                     f"again (it only does the new ones).")
         return list(manifest["cases"])
 
-    def get_dataloaders(self):
-        """nnU-Net's loaders and augmentation, two training streams (see nnunet_ext.unlabeled.loader)."""
-        if self.dataset_class is None:
-            self.dataset_class = compat.dataset_class_of_folder(self.preprocessed_dataset_folder)
-        train_transforms, val_transforms, initial_patch_size = compat.trainer_data_transforms(self)
-        patch_size = self.configuration_manager.patch_size
-        dataset_tr, dataset_val = self.get_tr_and_val_datasets()
+    def training_batches(self, dataset, transforms, initial_patch_size, num_processes: int):
+        """Two streams (see nnunet_ext.unlabeled.loader): the fold's labelled cases in nnU-Net's loader and
+        the unlabelled pool (``get_unlabeled_dataset``), both with nnU-Net's training transforms, the
+        augmentation workers shared between them by batch size."""
         labeled_n, unlabeled_n = self.labeled_batch_size_per_process, self.unlabeled_batch_size_per_process
-        labeled_loader = compat.nnunet_data_loader_class()(
-            dataset_tr, labeled_n, initial_patch_size, patch_size, self.label_manager,
-            oversample_foreground_percent=self.oversample_foreground_percent, sampling_probabilities=None,
-            pad_sides=None, transforms=train_transforms, probabilistic_oversampling=self.probabilistic_oversampling)
-        val_loader = compat.nnunet_data_loader_class()(
-            dataset_val, self.batch_size, patch_size, patch_size, self.label_manager,
-            oversample_foreground_percent=self.oversample_foreground_percent, sampling_probabilities=None,
-            pad_sides=None, transforms=val_transforms, probabilistic_oversampling=self.probabilistic_oversampling)
-        unlabeled_loader = None
+        labeled_processes, unlabeled_processes = split_processes(num_processes, labeled_n, unlabeled_n)
+        labeled = self.augmenter(self.data_loader(dataset, labeled_n, initial_patch_size, transforms),
+                                 labeled_processes, max(6, labeled_processes // 2))
+        unlabeled = None
         if unlabeled_n > 0:
             unlabeled_dataset = self.get_unlabeled_dataset()
-            self.print_to_log_file(f"nnunet-ext: {len(dataset_tr.identifiers)} labelled training cases, "
+            self.print_to_log_file(f"nnunet-ext: {len(dataset.identifiers)} labelled training cases, "
                                    f"{len(unlabeled_dataset.identifiers)} unlabelled cases")
-            unlabeled_loader = UnlabeledDataLoader(unlabeled_dataset, unlabeled_n, initial_patch_size, patch_size,
-                                                   self.label_manager, transforms=train_transforms)
-
-        processes = compat.augmentation_processes()
-        labeled_processes, unlabeled_processes = split_processes(processes, labeled_n, unlabeled_n)
-        pin_memory = self.device.type == "cuda"
-        labeled = compat.background_augmenter(labeled_loader, labeled_processes,
-                                              max(6, labeled_processes // 2), pin_memory)
-        unlabeled = None if unlabeled_loader is None else compat.background_augmenter(
-            unlabeled_loader, unlabeled_processes, max(6, unlabeled_processes // 2), pin_memory)
-        validation = compat.background_augmenter(val_loader, 0 if processes == 0 else max(1, processes // 2),
-                                                 max(3, processes // 4), pin_memory)
-        train = TwoStreamBatches(labeled, unlabeled, labeled_n, unlabeled_n)
-        next(train)  # start the workers now, as nnU-Net does, so a broken stream fails before epoch 0
-        next(validation)
-        return train, validation
+            loader = UnlabeledDataLoader(unlabeled_dataset, unlabeled_n, initial_patch_size,
+                                         self.configuration_manager.patch_size, self.label_manager,
+                                         transforms=transforms)
+            unlabeled = self.augmenter(loader, unlabeled_processes, max(6, unlabeled_processes // 2))
+        return TwoStreamBatches(labeled, unlabeled, labeled_n, unlabeled_n)
 
     def on_train_end(self):
         super().on_train_end()  # nnU-Net stops its own augmenter types only

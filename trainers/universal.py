@@ -112,9 +112,7 @@ class nnUNetUniversalTrainer(nnUNetExtTrainer):
             raise TaskMapError(f"{type(self).__name__} trains on a merged dataset with a 'tasks' section in its "
                                f"dataset.json (build it with `nnunet-ext merge -d ID ID ... -o NEW_ID`): {error}") \
                 from None
-        if self.label_manager.has_regions:
-            raise TaskMapError(f"{type(self).__name__} does not support region-based datasets (dataset.json "
-                               f"'regions'); merge datasets with plain labels.")
+        self.refuse_regions("the task map, the partial-label loss and the task masks work on label values")
         self.plans_manager.plans[TASKS_PLANS_KEY] = self.task_map.to_dict()
         self._validation_task: int | None = None
 
@@ -157,26 +155,10 @@ class nnUNetUniversalTrainer(nnUNetExtTrainer):
             raise ValueError(f"{TASK_WEIGHTING_VARIABLE}={value!r} must be one of {TASK_WEIGHTING} (or unset).")
         return value or self.task_weighting
 
-    def get_dataloaders(self):
-        if self.dataset_class is None:
-            self.dataset_class = compat.dataset_class_of_folder(self.preprocessed_dataset_folder)
-        train_transforms, validation_transforms, initial_patch_size = compat.trainer_data_transforms(self)
-        dataset_tr, dataset_val = self.get_tr_and_val_datasets()
-        patch_size = self.configuration_manager.patch_size
-        common = dict(label_manager=self.label_manager, task_map=self.task_map, weighting=self.task_weights(),
-                      oversample_foreground_percent=self.oversample_foreground_percent,
-                      probabilistic_oversampling=self.probabilistic_oversampling)
-        train = TaskAwareDataLoader(dataset_tr, self.batch_size, initial_patch_size, patch_size,
-                                    transforms=train_transforms, **common)
-        validation = TaskAwareDataLoader(dataset_val, self.batch_size, patch_size, patch_size,
-                                         transforms=validation_transforms, **common)
-        processes = compat.augmentation_processes()
-        pin = self.device.type == "cuda"
-        train = compat.background_augmenter(train, processes, max(6, processes // 2), pin)
-        validation = compat.background_augmenter(validation, max(1, processes // 2) if processes else 0,
-                                                 max(3, processes // 4), pin)
-        next(train), next(validation)  # start the workers now, as nnU-Net does
-        return train, validation
+    data_loader_class = TaskAwareDataLoader  # every batch from one task, with the batch's ``task_id``
+
+    def data_loader_kwargs(self) -> dict:
+        return {"task_map": self.task_map, "weighting": self.task_weights()}
 
     # --- steps ---------------------------------------------------------------------------------
     def train_step(self, batch: dict) -> dict:

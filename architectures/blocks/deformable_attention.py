@@ -52,7 +52,7 @@ TransDoDNet's copy (``TransDoD/models/deformable_transformer.py`` l.313-328,
 ``TransDoD/models/ops/functions/ms_deform_attn_func.py`` l.63-81) has the same ordering. Its
 attention uses fixed per-level offset normalisers (``TransDoD/models/ops/modules/
 ms_deform_attn.py`` l.62-64) and another direction init (l.75) - override
-``MultiScaleDeformableAttention3D._offset_normalizer`` / ``_reset_parameters`` for those - and
+``MultiScaleDeformableAttention3D._offset_normalizer`` / ``_sampling_directions`` for those - and
 its sine encoding omits the ``-0.5`` shift
 (``PositionEmbeddingSine3D(offset=0.0)``, ``DeformableEncoder(pos_offset=0.0)``).
 
@@ -67,6 +67,7 @@ costs little next to the projections.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from typing import NamedTuple, Optional, Sequence, Union
@@ -91,7 +92,8 @@ def _check_axis_order(axis_order: str) -> str:
 
 
 def _shapes_as_list(spatial_shapes: SpatialShapes) -> list[tuple[int, int, int]]:
-    """(L, 3) tensor or nested sequence -> list of python (D, H, W) tuples (for reshapes)."""
+    """(L, 3) tensor or nested sequence -> list of python (D, H, W) tuples (for reshapes). The
+    networks pass python shapes: reading a tensor here syncs the GPU and breaks torch.compile graphs."""
     rows = spatial_shapes.tolist() if isinstance(spatial_shapes, Tensor) else spatial_shapes
     shapes = [tuple(int(s) for s in row) for row in rows]
     if any(len(s) != 3 for s in shapes):
@@ -105,9 +107,11 @@ def _shapes_as_tensor(spatial_shapes: SpatialShapes, device: torch.device) -> Te
     return torch.as_tensor(_shapes_as_list(spatial_shapes), dtype=torch.long, device=device)
 
 
-def level_start_index(spatial_shapes: SpatialShapes) -> Tensor:
-    """Start of each level in the flattened token sequence, shape (L,)."""
-    device = spatial_shapes.device if isinstance(spatial_shapes, Tensor) else torch.device("cpu")
+def level_start_index(spatial_shapes: SpatialShapes, device: Optional[torch.device] = None) -> Tensor:
+    """Start of each level in the flattened token sequence, shape (L,), on ``device`` (default: the
+    shapes' device, the CPU for python shapes)."""
+    if device is None:
+        device = spatial_shapes.device if isinstance(spatial_shapes, Tensor) else torch.device("cpu")
     sizes = _shapes_as_tensor(spatial_shapes, device).prod(1)
     return torch.cat((sizes.new_zeros(1), sizes.cumsum(0)[:-1]))
 
@@ -151,7 +155,10 @@ def ms_deform_attn_core(value: Tensor, value_spatial_shapes: SpatialShapes,
 
     out_dtype = value.dtype
     dtype = _sampling_dtype(value.dtype)
-    with torch.autocast(device_type=value.device.type, enabled=False):
+    device_type = value.device.type  # the meta device (shape checks) has no autocast
+    no_autocast = (torch.autocast(device_type=device_type, enabled=False)
+                   if torch.amp.is_autocast_available(device_type) else contextlib.nullcontext())
+    with no_autocast:
         value = value.to(dtype)
         # grid_sample's grid lives in [-1, 1]; with align_corners=False -1/+1 are voxel edges,
         # which is exactly what the [0, 1] normalisation of the reference points means.
@@ -215,8 +222,7 @@ class MultiScaleDeformableAttention3D(nn.Module):
         """
         nn.init.constant_(self.sampling_offsets.weight, 0.0)
         thetas = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
-        directions = torch.stack([thetas.cos(), thetas.sin() * thetas.cos(),
-                                  thetas.sin() * thetas.sin()], -1)
+        directions = self._sampling_directions(thetas)
         directions = directions / directions.abs().max(-1, keepdim=True)[0]
         grid = directions.view(self.n_heads, 1, 1, 3).repeat(1, self.n_levels, self.n_points, 1)
         grid = grid * torch.arange(1, self.n_points + 1, dtype=torch.float32).view(1, 1, -1, 1)
@@ -228,6 +234,12 @@ class MultiScaleDeformableAttention3D(nn.Module):
         nn.init.constant_(self.value_proj.bias, 0.0)
         nn.init.xavier_uniform_(self.output_proj.weight)
         nn.init.constant_(self.output_proj.bias, 0.0)
+
+    @staticmethod
+    def _sampling_directions(thetas: Tensor) -> Tensor:
+        """(n_heads, 3) initial sampling direction of each head from its angle: CoTr's
+        ``(cos, sin cos, sin sin)``. A hook for variants with another init (TransDoDNet's)."""
+        return torch.stack([thetas.cos(), thetas.sin() * thetas.cos(), thetas.sin() * thetas.sin()], -1)
 
     def _offset_normalizer(self, spatial_shapes: Tensor) -> Tensor:
         """(L, 3) divisors turning offsets (in voxels) into normalised units.
@@ -257,7 +269,8 @@ class MultiScaleDeformableAttention3D(nn.Module):
             reference_points: (N, Lq, L, 3) in [0, 1]; (d, h, w) for "corrected", (d, w, h) for
                 "official" (as produced by :func:`get_reference_points`).
             input_flatten: (N, S, C).
-            input_spatial_shapes: (L, 3) in (D, H, W).
+            input_spatial_shapes: (L, 3) in (D, H, W); python ints (a tensor works, at the cost of a
+                device sync and a torch.compile graph break).
             input_level_start_index: (L,); accepted for Deformable-DETR signature compatibility
                 (the CUDA kernel needs it), unused here because the shapes determine the split.
             input_padding_mask: (N, S) bool, True = padding; those values contribute zero.
@@ -267,9 +280,9 @@ class MultiScaleDeformableAttention3D(nn.Module):
         """
         n, lq, _ = query.shape
         _, s, _ = input_flatten.shape
-        shapes = _shapes_as_tensor(input_spatial_shapes, query.device)
-        if shapes.shape != (self.n_levels, 3):
-            raise ValueError(f"expected ({self.n_levels}, 3) spatial shapes, got {tuple(shapes.shape)}")
+        shapes = _shapes_as_list(input_spatial_shapes)
+        if len(shapes) != self.n_levels:
+            raise ValueError(f"expected ({self.n_levels}, 3) spatial shapes, got ({len(shapes)}, 3)")
         if reference_points.shape[-1] != 3 or reference_points.shape[-2] != self.n_levels:
             raise ValueError(f"reference_points must be (N, Lq, {self.n_levels}, 3), "
                              f"got {tuple(reference_points.shape)}")
@@ -283,7 +296,7 @@ class MultiScaleDeformableAttention3D(nn.Module):
         logits = self.attention_weights(query).view(n, lq, self.n_heads, self.n_levels * self.n_points)
         weights = F.softmax(logits, -1).view(n, lq, self.n_heads, self.n_levels, self.n_points)
 
-        normalizer = self._offset_normalizer(shapes)  # (L, 3)
+        normalizer = self._offset_normalizer(torch.as_tensor(shapes, dtype=torch.long, device=query.device))  # (L, 3)
         # at least float32 so that reference point + small offset keeps sub-voxel precision
         dtype = _sampling_dtype(value.dtype)
         locations = (reference_points.to(dtype)[:, :, None, :, None, :]
@@ -405,13 +418,15 @@ def _activation(name: str):
 class DeformableTransformerEncoderLayer(nn.Module):
     """Post-norm encoder layer: deformable self-attention + FFN (Deformable DETR / CoTr).
 
-    ``x = LN(x + drop(attn(x + pos, x)))``, then ``x = LN(x + drop(W2 drop(act(W1 x))))``.
+    ``x = LN(x * a + drop(attn(x + pos, x)))``, then ``x = LN(x * a + drop(W2 drop(act(W1 x))))``;
+    ``a = res_scale``: 1 (Deformable DETR, CoTr) or DeepNorm's alpha (TransDoDNet).
     """
 
     def __init__(self, d_model: int = 256, d_ffn: int = 1024, dropout: float = 0.1,
                  activation: str = "relu", n_levels: int = 4, n_heads: int = 8, n_points: int = 4,
-                 axis_order: str = "corrected") -> None:
+                 axis_order: str = "corrected", res_scale: float = 1.0) -> None:
         super().__init__()
+        self.res_scale = res_scale
         self.self_attn = MultiScaleDeformableAttention3D(d_model, n_levels, n_heads, n_points, axis_order)
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
@@ -429,16 +444,19 @@ class DeformableTransformerEncoderLayer(nn.Module):
         query = src if pos is None else src + pos
         attended = self.self_attn(query, reference_points, src, spatial_shapes, level_start_index,
                                   padding_mask)
-        src = self.norm1(src + self.dropout1(attended))
+        src = self.norm1(self._residual(src) + self.dropout1(attended))
         ffn = self.linear2(self.dropout2(self.activation(self.linear1(src))))
-        return self.norm2(src + self.dropout3(ffn))
+        return self.norm2(self._residual(src) + self.dropout3(ffn))
+
+    def _residual(self, x: Tensor) -> Tensor:
+        return x if self.res_scale == 1.0 else x * self.res_scale
 
 
 class EncoderOutput(NamedTuple):
     """Flattened encoder result plus what a deformable decoder needs to attend to it."""
 
     memory: Tensor  # (N, S, C)
-    spatial_shapes: Tensor  # (L, 3) long, (D, H, W)
+    spatial_shapes: tuple[tuple[int, int, int], ...]  # (D, H, W) per level, python ints (no device sync)
     level_start_index: Tensor  # (L,)
     valid_ratios: Tensor  # (N, L, 3), (d, h, w)
     padding_mask: Optional[Tensor]  # (N, S) bool or None
@@ -507,8 +525,10 @@ class DeformableEncoder(nn.Module):
             raise ValueError(f"expected {self.n_levels} feature levels, got {len(features)}")
         device = features[0].device
         n = features[0].shape[0]
+        shapes = tuple((int(f.shape[2]), int(f.shape[3]), int(f.shape[4])) for f in features)
+        padded = masks is not None
         if masks is None:
-            masks = [torch.zeros((n, *f.shape[2:]), dtype=torch.bool, device=device) for f in features]
+            masks = [torch.zeros((n, *shape), dtype=torch.bool, device=device) for shape in shapes]
 
         srcs, poss = [], []
         for lvl, (feature, mask) in enumerate(zip(features, masks)):
@@ -517,16 +537,19 @@ class DeformableEncoder(nn.Module):
             poss.append(pos.to(feature.dtype))  # a bf16/fp16 model must not get a float32 query
         src = torch.cat(srcs, 1)
         pos = torch.cat(poss, 1)
-        padding_mask = torch.cat([m.flatten(1) for m in masks], 1) if any(m.any() for m in masks) else None
-        spatial_shapes = torch.as_tensor([f.shape[2:] for f in features], dtype=torch.long, device=device)
-        start_index = level_start_index(spatial_shapes)
-        valid_ratios = torch.stack([get_valid_ratios(m) for m in masks], 1)
-        reference_points = get_reference_points(spatial_shapes, valid_ratios, device, self.axis_order)
+        # Without masks (CoTr, TransDoDNet) there is no padding: no mask in the attention and valid ratios of
+        # exactly 1, decided without reading mask values (that would sync the GPU and break compiled graphs).
+        # Given masks are used as they are; an all-False mask gives the same values as none.
+        padding_mask = torch.cat([m.flatten(1) for m in masks], 1) if padded else None
+        start_index = level_start_index(shapes, device)
+        valid_ratios = (torch.stack([get_valid_ratios(m) for m in masks], 1) if padded
+                        else torch.ones((n, len(shapes), 3), dtype=torch.float32, device=device))
+        reference_points = get_reference_points(shapes, valid_ratios, device, self.axis_order)
 
         memory = src
         for layer in self.layers:
-            memory = layer(memory, pos, reference_points, spatial_shapes, start_index, padding_mask)
-        return EncoderOutput(memory, spatial_shapes, start_index, valid_ratios, padding_mask)
+            memory = layer(memory, pos, reference_points, shapes, start_index, padding_mask)
+        return EncoderOutput(memory, shapes, start_index, valid_ratios, padding_mask)
 
     def forward(self, features: Sequence[Tensor], masks: Optional[Sequence[Tensor]] = None) -> list[Tensor]:
         """Encode ``features`` and return them as maps of the input shapes."""

@@ -32,15 +32,14 @@ import filecmp
 import json
 import os
 import re
-import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Generator, Iterable, Sequence
 
 import numpy as np
 
-from nnunet_ext import atomic_io
+from nnunet_ext import atomic_io, raw_dataset
 from nnunet_ext.errors import UserFacingError
 
 FILE_ENDING = ".nii.gz"
@@ -68,7 +67,8 @@ _READY = "ready"  # checked by a worker, to be written by the main process
 class CaseSource:
     """One case of a release: its channel files in channel order and its label file (None: unlabelled).
 
-    ``split`` is "Tr" (imagesTr/labelsTr) or "Ts" (imagesTs, and labelsTs when there is a label).
+    ``split`` is "Tr" (imagesTr/labelsTr), "Va" (imagesVa, and labelsVa when there is a label: validation
+    cases, kept apart from the test cases) or "Ts" (imagesTs, and labelsTs when there is a label).
     """
 
     case_id: str
@@ -171,15 +171,13 @@ def _fmt(values: Sequence[float]) -> str:
 
 
 def read_geometry(path: str | os.PathLike) -> Geometry:
-    """Header of ``path``; raises RuntimeError (SimpleITK's) if the file cannot be read."""
-    import SimpleITK as sitk
+    """Header of ``path``, voxels not decoded (:func:`nnunet_ext.image_io.read_header`: the releases' files are
+    SimpleITK formats); raises RuntimeError (SimpleITK's) if the file cannot be read."""
+    from dataclasses import asdict
 
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    reader.ReadImageInformation()
-    return Geometry(tuple(reader.GetSize()), tuple(reader.GetSpacing()), tuple(reader.GetOrigin()),
-                    tuple(reader.GetDirection()), sitk.GetPixelIDValueAsString(reader.GetPixelID()),
-                    reader.GetNumberOfComponents())
+    from nnunet_ext.image_io import read_header
+
+    return Geometry(**asdict(read_header(path)))
 
 
 def check_case_geometry(images: Sequence[str], label: str | None) -> str:
@@ -203,10 +201,9 @@ def unexpected_label_values(label: str, allowed: frozenset[int], array: np.ndarr
     ``array``: the label's voxels when already decoded (otherwise the file is read).
     """
     if array is None:
-        import SimpleITK as sitk
+        from nnunet_ext import image_io
 
-        image = sitk.ReadImage(str(label))  # keep a reference: the view below does not own its memory
-        array = sitk.GetArrayViewFromImage(image)
+        array = image_io.read_images([label], image_io.reader_writer(None, label))[0]
     if not np.issubdtype(array.dtype, np.integer):
         if not np.all(np.isfinite(array)) or not np.all(np.equal(np.mod(array, 1), 0)):
             return f"{Path(label).name}: label values are not whole numbers ({read_geometry(label).pixel_type})"
@@ -250,10 +247,10 @@ def check_case_content(case: CaseSource, reader, allowed_labels: frozenset[int])
 
 def case_outputs(case: CaseSource, folder: Path) -> list[tuple[str, Path]]:
     """(source file, nnU-Net target path) pairs of one case, channels first, label last."""
-    pairs = [(src, folder / f"images{case.split}" / f"{case.case_id}_{c:04d}{FILE_ENDING}")
+    pairs = [(src, raw_dataset.image_file(folder, case.case_id, c, FILE_ENDING, case.split))
              for c, src in enumerate(case.images)]
     if case.label:
-        pairs.append((case.label, folder / f"labels{case.split}" / f"{case.case_id}{FILE_ENDING}"))
+        pairs.append((case.label, raw_dataset.label_file(folder, case.case_id, FILE_ENDING, case.split)))
     return pairs
 
 
@@ -283,10 +280,7 @@ def output_is_complete(source: str, target: Path, mode: str) -> bool:
 
 def _place(source: str, target: Path, mode: str) -> None:
     """Copy or symlink ``source`` to ``target`` through the atomic write path."""
-    if mode == LINK:
-        atomic_io.link_into_place(source, target)
-    else:
-        atomic_io.write_with(target, lambda temporary: shutil.copyfile(source, temporary))
+    raw_dataset.place_file(source, target, raw_dataset.SYMLINK if mode == LINK else raw_dataset.COPY)
 
 
 def examine_case(case: CaseSource, folder: Path, mode: str, allowed_labels: frozenset[int],
@@ -399,7 +393,8 @@ def check_dataset_folder(raw_root: Path, dataset_id: int, folder: Path, plan: Co
     if folder.exists() and any(folder.iterdir()):
         stored = _stored_identity(folder)
         if stored != plan.identity:
-            what = "a different conversion " + json.dumps(stored) if stored else "data not written by nnunet-ext convert"
+            what = ("a different conversion " + json.dumps(stored) if stored
+                    else "data not written by nnunet-ext convert")
             raise UserFacingError(
                 f"{folder} already holds {what}; it was left untouched. This run is {json.dumps(plan.identity)}. "
                 f"Choose another id with -d (or --name), or remove the folder yourself.")
@@ -416,9 +411,7 @@ def prepare_dataset_folder(folder: Path, plan: ConversionPlan) -> None:
     Tidying removes temporaries of killed runs (ours, and the ``.partial-`` names of earlier versions).
     """
     if not folder.exists():
-        with atomic_io.staged_folder(folder) as staging:
-            for sub in _subfolders(plan):
-                (staging / sub).mkdir()
+        with raw_dataset.new_dataset_folder(folder, sorted(_subfolders(plan))) as staging:
             atomic_io.write_json(staging / MARKER_NAME, {METADATA_KEY: _metadata(plan)})
         return
     for sub in _subfolders(plan):
@@ -437,8 +430,7 @@ def _metadata(plan: ConversionPlan) -> dict[str, Any]:
 
 def _count_training_cases(folder: Path) -> int:
     """numTraining must equal the labelled training cases on disk, or nnU-Net's integrity check fails."""
-    return sum(1 for p in (folder / "labelsTr").iterdir()
-               if p.name.endswith(FILE_ENDING) and not p.name.startswith("."))
+    return raw_dataset.count_training_cases(folder, FILE_ENDING)
 
 
 # --------------------------------------------------------------------------------------
@@ -447,7 +439,7 @@ def _count_training_cases(folder: Path) -> int:
 
 
 def _examined(plan: ConversionPlan, folder: Path, mode: str, num_processes: int,
-              reader) -> Iterator[tuple[CaseSource | None, CaseResult]]:
+              reader) -> Generator[tuple[CaseSource | None, CaseResult], None, None]:
     for case_id, problem in plan.problems:
         yield None, CaseResult(case_id, FAILED, problem)
     jobs = [(case, folder, mode, plan.allowed_labels, reader) for case in plan.cases]
@@ -474,6 +466,7 @@ class _Output:
             if not self.ready:
                 prepare_dataset_folder(self.folder, self.plan)
                 self.ready = True
+            assert case is not None  # a case that was listed, not a listing problem, is ready
             return write_case(case, self.folder, self.mode)
         if result.status == FAILED and case is not None and self.ready:
             _remove_outputs(case_outputs(case, self.folder))
@@ -505,7 +498,7 @@ def run_conversion(plan: ConversionPlan, raw_root: str | os.PathLike, dataset_id
         num_training = _count_training_cases(folder)
         dataset_json = dict(plan.dataset_json, numTraining=num_training, file_ending=FILE_ENDING)
         dataset_json[METADATA_KEY] = _metadata(plan)
-        atomic_io.write_json(folder / "dataset.json", dataset_json)
+        raw_dataset.write_dataset_json(folder, dataset_json)
     return ConversionSummary(folder, results, num_training)
 
 

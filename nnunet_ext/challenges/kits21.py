@@ -11,13 +11,21 @@ training reads that from dataset.json: each label name maps to the label values 
 and ``regions_class_order`` says which value each region is painted with at export (in region order,
 later regions overwrite earlier ones): kidney -> 1, masses -> 3, tumour -> 2. So predictions come
 back in KiTS label values (1 kidney, 2 tumour, 3 cyst), and the label files are copied unchanged.
+
+Submission (sources in docs/how-to/challenges/kits21.md): the test set was only run as an algorithm
+container on grand-challenge.org, reading ``/input/images/ct/<uuid>.mha`` and writing
+``/output/images/kidney-tumor-and-cyst/<uuid>.mha`` (neheller/kits21,
+``examples/submission/sanity_check_guide.md`` and ``dummy_submission/run_inference.py``). The
+``local`` format is what the organisers' evaluation script reads: a folder of ``case_XXXXX.nii.gz``
+(``kits21/evaluation/evaluate_predictions.py``).
 """
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-from nnunet_ext.challenges.common import CaseSource, ConversionPlan
+from nnunet_ext.challenges.common import FILE_ENDING, CaseSource, ConversionPlan
+from nnunet_ext.challenges.definition import ContainerInterface, InputSlot, SubmissionFormat
 from nnunet_ext.errors import UserFacingError
 
 CHALLENGE = "kits21"
@@ -30,6 +38,9 @@ SOURCE_LABELS = {0: "background", 1: "kidney", 2: "tumor", 3: "cyst"}
 #: nnU-Net region-based labels (dataset.json "labels") and the value each region is exported as.
 REGION_LABELS = {"background": 0, "kidney": [1, 2, 3], "masses": [2, 3], "tumor": 2}
 REGIONS_CLASS_ORDER = [1, 3, 2]
+#: neheller/kits21, examples/submission/sanity_check_guide.md ("the UPDATED I/O format")
+CONTAINER_SOURCE = "https://github.com/neheller/kits21/blob/master/examples/submission/sanity_check_guide.md"
+LOCAL_SOURCE = "https://github.com/neheller/kits21/blob/master/kits21/evaluation/evaluate_predictions.py"
 
 
 def dataset_json() -> dict:
@@ -77,3 +88,33 @@ def plan(src: str | Path) -> ConversionPlan:
                                 "Tr" if has_label else "Ts"))
     return ConversionPlan(CHALLENGE, {"challenge": CHALLENGE}, dataset_json(),
                           frozenset(SOURCE_LABELS), cases, problems, str(src))
+
+
+# --------------------------------------------------------------------------------------
+# What the registry reads (nnunet_ext.challenges.registry)
+# --------------------------------------------------------------------------------------
+
+
+def conversion(src: str | Path, options: dict) -> tuple[ConversionPlan, str]:
+    """``nnunet-ext convert kits21``: the plan and the default dataset name (KiTS21 has no options)."""
+    return plan(src), DEFAULT_NAME
+
+
+def labels(task: str | None = None) -> dict:
+    return dict(REGION_LABELS)
+
+
+def submission_format(task: str | None = None, phase: str = "local") -> SubmissionFormat:
+    """``local``: case_XXXXX.nii.gz, uint8 0-3, the folder the organisers' evaluation script reads."""
+    values = frozenset(SOURCE_LABELS)
+    return SubmissionFormat("kits21", "KiTS21", phase, CASE_PATTERN, FILE_ENDING, values, values,
+                            "{case}/" + IMAGE_FILE, "case_00300", source=LOCAL_SOURCE)
+
+
+def container_interface(task: str | None = None) -> ContainerInterface:
+    """One CT in, its label map (uint8: 1 kidney, 2 tumour, 3 cyst) out, both ``.mha`` named by the input's uuid."""
+    values = frozenset(SOURCE_LABELS)
+    output = SubmissionFormat("kits21", "KiTS21 container", "test", re.compile(r"^.+$"), ".mha", values, values,
+                              "{case}.mha", "<uuid>", source=CONTAINER_SOURCE)
+    return ContainerInterface((InputSlot("images/ct", ".mha", "CT"),), "images/kidney-tumor-and-cyst", output,
+                              CONTAINER_SOURCE)

@@ -12,12 +12,11 @@ from typing import Sequence
 import numpy as np
 
 from nnunet_ext import atomic_io
+from nnunet_ext.challenges.amos22 import RELEASE_LABELS
 
 SHAPE = (8, 16, 16)  # (z, y, x)
 SPACING = (0.8, 0.8, 2.5)  # (x, y, z) mm as SimpleITK orders it
-AMOS_LABELS = ("background", "spleen", "right kidney", "left kidney", "gall bladder", "esophagus", "liver",
-               "stomach", "arota", "postcava", "pancreas", "right adrenal gland", "left adrenal gland",
-               "duodenum", "bladder", "prostate/uterus")
+AMOS_LABELS = RELEASE_LABELS
 
 
 def write_volume(array: np.ndarray, path: str | Path, spacing: Sequence[float] = SPACING,
@@ -41,7 +40,7 @@ def ct_volume(rng: np.random.Generator, shape: Sequence[int] = SHAPE) -> np.ndar
 
 def box_labels(rng: np.random.Generator, values: Sequence[int], shape: Sequence[int] = SHAPE) -> np.ndarray:
     """A label map with one small box per value (later boxes may cover earlier ones, as nested anatomy does)."""
-    labels = np.zeros(tuple(shape), dtype=np.uint8)
+    labels: np.ndarray = np.zeros(tuple(shape), dtype=np.uint8)
     for value in values:
         size = [max(1, s // 4) for s in shape]
         start = [int(rng.integers(0, s - w + 1)) for s, w in zip(shape, size)]
@@ -51,7 +50,7 @@ def box_labels(rng: np.random.Generator, values: Sequence[int], shape: Sequence[
 
 def kits_labels(rng: np.random.Generator, shape: Sequence[int] = SHAPE) -> np.ndarray:
     """Kidney (1) with a tumour (2) and a cyst (3) inside, as the KiTS21 hierarchy has it."""
-    labels = np.zeros(tuple(shape), dtype=np.uint8)
+    labels: np.ndarray = np.zeros(tuple(shape), dtype=np.uint8)
     z, y, x = shape
     labels[1:z - 1, 2:y - 2, 2:x // 2] = 1
     labels[z // 2 - 1:z // 2 + 1, 4:7, 3:5] = 2
@@ -73,20 +72,31 @@ def write_kits21_replica(root: str | Path, num_labelled: int = 3, num_test: int 
 
 
 def write_amos22_replica(root: str | Path, ct: int = 2, mri: int = 1, validation: int = 1, test: int = 1,
-                         validation_labels: bool = True, shape: Sequence[int] = SHAPE, seed: int = 0) -> Path:
-    """``root/amos22`` with dataset.json, imagesTr/labelsTr, imagesVa/labelsVa, imagesTs; returns it.
+                         validation_labels: bool = True, shape: Sequence[int] = SHAPE, seed: int = 0,
+                         validation_mri: int = 0, first_stage: bool = False) -> Path:
+    """``root/amos22`` as released; returns it.
 
-    Ids: training CT from amos_0001 and MRI from amos_0501; validation from amos_0101, test from amos_0201.
+    Zenodo release (default): dataset.json with "training", "validation", "test" and "labels";
+    imagesTr/labelsTr, imagesVa (labelsVa with ``validation_labels``), imagesTs. ``first_stage``: the
+    challenge's first release instead: task1_dataset.json (CT cases) and task2_dataset.json (all) with
+    "training" and "test" (plain image paths, the validation-phase images in imagesTs), no imagesVa.
+    Ids: training CT from amos_0001, MRI from amos_0501; validation CT from amos_0101, MRI from
+    amos_0601; test from amos_0201.
     """
     rng = np.random.default_rng(seed)
     base = Path(root) / "amos22"
     organs = list(range(1, len(AMOS_LABELS)))
-    splits = {"training": ([*range(1, ct + 1), *range(501, 501 + mri)], "Tr", "labelsTr"),
-              "validation": (list(range(101, 101 + validation)), "Va", "labelsVa" if validation_labels else None),
-              "test": (list(range(201, 201 + test)), "Ts", None)}
+    validation_ids = [*range(101, 101 + validation), *range(601, 601 + validation_mri)]
+    if first_stage:
+        splits = {"training": ([*range(1, ct + 1), *range(501, 501 + mri)], "Tr", "labelsTr"),
+                  "test": (validation_ids, "Ts", None)}
+    else:
+        splits = {"training": ([*range(1, ct + 1), *range(501, 501 + mri)], "Tr", "labelsTr"),
+                  "validation": (validation_ids, "Va", "labelsVa" if validation_labels else None),
+                  "test": (list(range(201, 201 + test)), "Ts", None)}
     release: dict = {"name": "AMOS", "labels": {str(i): n for i, n in enumerate(AMOS_LABELS)}}
     for key, (numbers, suffix, label_folder) in splits.items():
-        entries = []
+        entries: list = []
         for number in numbers:
             case = f"amos_{number:04d}"
             entry = {"image": f"./images{suffix}/{case}.nii.gz"}
@@ -94,9 +104,15 @@ def write_amos22_replica(root: str | Path, ct: int = 2, mri: int = 1, validation
             if label_folder:
                 entry["label"] = f"./{label_folder}/{case}.nii.gz"
                 write_volume(box_labels(rng, organs, shape), base / entry["label"])
-            entries.append(entry)
+            entries.append(entry if label_folder or not first_stage else entry["image"])
         release[key] = entries
-    atomic_io.write_json(base / "dataset.json", release)
+    if not first_stage:
+        atomic_io.write_json(base / "dataset.json", release)
+        return base
+    for task, keep in ((1, lambda entry: int(str(entry if isinstance(entry, str) else entry["image"])[-11:-7]) <= 500),
+                       (2, lambda entry: True)):
+        atomic_io.write_json(base / f"task{task}_dataset.json",
+                             {**release, **{key: [e for e in release[key] if keep(e)] for key in splits}})
     return base
 
 

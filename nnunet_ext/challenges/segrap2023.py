@@ -1,38 +1,33 @@
 """SegRap2023 (nasopharyngeal carcinoma radiotherapy planning, MICCAI 2023) -> nnU-Net v2 raw datasets.
 
-What was found (public sources, read 2025):
-- The organisers' repository HiLab-git/SegRap2023 (tutorial, evaluation and Docker example) and
-  third-party conversion scripts agree on the release layout::
+Facts and their sources (also in docs/how-to/challenges/segrap2023.md):
 
-      SegRap2023_Training_Set_120cases/
-          segrap_0000/image.nii.gz             non-contrast CT
-          segrap_0000/image_contrast.nii.gz    contrast-enhanced CT (pre-aligned to the first)
-          segrap_0000/<Structure>.nii.gz       one binary mask per structure (e.g. Brain.nii.gz, GTVp.nii.gz)
-      SegRap2023_Training_Set_120cases_OneHot_Labels/
-          Task001/segrap_0000.nii.gz           OARs as one label map of 54 disjoint classes
-          Task002/segrap_0000.nii.gz           GTVs: 1 GTVp, 2 GTVnd
+- Release layout: ``SegRap2023_Training_Set_120cases/segrap_XXXX/image.nii.gz`` (non-contrast CT)
+  and ``image_contrast.nii.gz`` (contrast CT), and ``SegRap2023_Training_Set_120cases_OneHot_Labels/
+  Task001|Task002/segrap_XXXX.nii.gz`` (one label map per case): the file names of the release's
+  archives and their use in the organisers' tutorial (HiLab-git/SegRap2023, ``Tutorial/``) and in
+  MIC-DKFZ/radioactive ``src/intrab/datasets_preprocessing/d651_segrap.py``, which also shows the
+  image archive unpacking into a second ``SegRap2023_Training_Set_120cases/`` folder (accepted here).
+- Task001 holds the 45 OARs as 54 disjoint classes; their names (:data:`OAR_CLASS_NAMES`) are the
+  release's, letter for letter, with the ``OverLap`` marker for classes shared by two OARs (e.g.
+  ``TemporalLobe_Hippocampus_OverLap_L``, ``Larynx_PharynxConst_OverLap``), as MIC-DKFZ/radioactive
+  ``d651_segrap.py`` (``SEGRAP_TASK001_ONE_HOT_LABEL_NAMES``) and a second, independent conversion
+  script list them. The release's own ``one_hot_label_names.txt`` could not be read here; the two
+  agree with each other and with the composition below.
+- Each OAR is the union of classes in :data:`OAR_COMPOSITION`, in the submission's channel order
+  (organisers' ``Docker_tutorial/SegRap2023_task1_OARs_nnUNet_Example/post_processing.py`` and
+  ``Docker_tutorial/stacked_results_to_4d_mha.py``). Task002: 1 GTVp, 2 GTVnd.
+- Submission: an algorithm container on grand-challenge.org reads ``/input/images/head-neck-ct/
+  <uuid>.mha`` and ``/input/images/head-neck-contrast-enhanced-ct/<uuid>.mha`` and writes one 4D
+  ``.mha`` of shape [45, *image shape] (task 1) to ``/output/images/head-neck-segmentation/`` or
+  [2, *image shape] (task 2) to ``/output/images/gross-tumor-volume-segmentation/``, named by the
+  non-contrast CT's uuid (organisers' README section 1.1 and the examples' ``process.py``).
 
-- The 45 OARs overlap (Brain contains BrainStem, TemporalLobe, Hippocampus, ...; MiddleEar contains
-  Cochlea, IAC, ...; Larynx contains Larynx_Glottic, ...). The organisers therefore ship Task001 as
-  54 disjoint classes and give, in their Docker example's post_processing.py and in
-  convert_one_hot_prediction_to_multi_organs_lesions.py, the union of classes forming each OAR
-  (:data:`OAR_COMPOSITION`). Their nnU-Net baseline trains on those 54 classes; we do the same, and
-  ``nnunet-ext submit segrap2023`` rebuilds the 45 OAR masks from a prediction with that table.
-- The 45 OAR names and their channel order are those of the organisers' evaluation script and
-  Docker example (``stacked_results_to_4d_mha.py``).
-
-What is assumed:
-- The names of the 54 disjoint classes (the release has a one_hot_label_names.txt we could not
-  read): they are derived from the composition table (a class inside exactly one OAR takes that
-  OAR's name; a class shared by two takes both names, outer first, e.g.
-  ``TemporalLobe_Hippocampus_L``). Only the values matter to nnU-Net and to the submission.
-- That SRC is the folder holding ``SegRap2023_Training_Set_120cases`` and its ``_OneHot_Labels``
-  sibling (SRC may also be the image folder itself; the labels folder is then its
-  ``<name>_OneHot_Labels`` sibling). Case folders with no label map go to imagesTs.
-- Building the 54-class maps from the per-structure masks is left out: the release ships them.
-
-Both CTs are in Hounsfield units, so both channels are named "CT" (nnU-Net's CT normalisation, with
-intensity statistics per channel); channel 0 is the non-contrast CT, channel 1 the contrast CT.
+The 54 classes are what nnU-Net trains on (as the organisers' nnU-Net baseline does); ``nnunet-ext
+submit`` / ``challenge-infer`` rebuild the 45 OAR masks with :data:`OAR_COMPOSITION`. Case folders
+with no label map go to imagesTs. Both CTs are in Hounsfield units, so both channels are named "CT"
+(nnU-Net's CT normalisation, with intensity statistics per channel); channel 0 is the non-contrast
+CT, channel 1 the contrast CT.
 """
 from __future__ import annotations
 
@@ -40,6 +35,7 @@ import re
 from pathlib import Path
 
 from nnunet_ext.challenges.common import CaseSource, ConversionPlan
+from nnunet_ext.challenges.definition import ContainerInterface, InputSlot, SubmissionFormat
 from nnunet_ext.errors import UserFacingError
 
 CHALLENGE = "segrap2023"
@@ -99,30 +95,25 @@ OAR_COMPOSITION: dict[str, tuple[int, ...]] = {
     "Trachea": (54,),
 }
 NUM_OAR_CLASSES = 54
+#: The release's names of the 54 Task001 classes (value -> name), letter for letter; see the module doc.
+OAR_CLASS_NAMES: dict[int, str] = dict(enumerate((
+    "Brain", "BrainStem", "Chiasm", "TemporalLobe_L", "TemporalLobe_R",
+    "TemporalLobe_Hippocampus_OverLap_L", "TemporalLobe_Hippocampus_OverLap_R", "Hippocampus_L", "Hippocampus_R",
+    "Eye_L", "Eye_R", "Lens_L", "Lens_R", "OpticNerve_L", "OpticNerve_R", "MiddleEar_L", "MiddleEar_R",
+    "IAC_L", "IAC_R", "MiddleEar_TympanicCavity_OverLap_L", "MiddleEar_TympanicCavity_OverLap_R",
+    "TympanicCavity_L", "TympanicCavity_R", "MiddleEar_VestibulSemi_OverLap_L", "MiddleEar_VestibulSemi_OverLap_R",
+    "VestibulSemi_L", "VestibulSemi_R", "Cochlea_L", "Cochlea_R", "MiddleEar_ETbone_OverLap_L",
+    "MiddleEar_ETbone_OverLap_R", "ETbone_L", "ETbone_R", "Pituitary", "OralCavity", "Mandible_L", "Mandible_R",
+    "Submandibular_L", "Submandibular_R", "Parotid_L", "Parotid_R", "Mastoid_L", "Mastoid_R", "TMjoint_L",
+    "TMjoint_R", "SpinalCord", "Esophagus", "Larynx", "Larynx_Glottic", "Larynx_Supraglot",
+    "Larynx_PharynxConst_OverLap", "PharynxConst", "Thyroid", "Trachea"), start=1))
 #: GTV task: label values of the Task002 maps, also the submission channel order.
 GTV_LABELS = {"GTVp": 1, "GTVnd": 2}
 
 
 def oar_class_names() -> dict[int, str]:
-    """Names of the 54 disjoint classes, derived from :data:`OAR_COMPOSITION` (assumed; see module doc).
-
-    A class's name joins the OARs containing it from the largest to the smallest, dropping "Brain"
-    and "MiddleEar"-style containers only when a smaller OAR names it alone; e.g. class 6 lies in
-    Brain, TemporalLobe_L and Hippocampus_L -> ``TemporalLobe_Hippocampus_L``.
-    """
-    names = {}
-    for value in range(1, NUM_OAR_CLASSES + 1):
-        owners = sorted((oar for oar, parts in OAR_COMPOSITION.items() if value in parts),
-                        key=lambda oar: -len(OAR_COMPOSITION[oar]))
-        if len(owners) > 1 and owners[0] == "Brain":
-            owners = owners[1:]  # everything in the brain is in Brain; say where inside it
-        if len(owners) == 1 or len(OAR_COMPOSITION[owners[-1]]) == 1:
-            names[value] = owners[-1]  # the smallest OAR owns this class alone
-        else:
-            stems = [o.rsplit("_", 1)[0] if o[-2:] in ("_L", "_R") else o for o in owners]
-            side = owners[-1][-2:] if owners[-1][-2:] in ("_L", "_R") else ""
-            names[value] = "_".join(stems) + side
-    return names
+    """Names of the 54 disjoint Task001 classes, as the release names them (:data:`OAR_CLASS_NAMES`)."""
+    return dict(OAR_CLASS_NAMES)
 
 
 def task_labels(task: str) -> dict[str, int]:
@@ -135,19 +126,28 @@ def default_name(task: str) -> str:
     return f"SegRap2023{task.upper()}"
 
 
+def _has_cases(folder: Path) -> bool:
+    return folder.is_dir() and any(p.is_dir() and CASE_PATTERN.match(p.name) for p in folder.iterdir())
+
+
 def _folders(src: Path, task: str) -> tuple[Path, Path]:
-    images = src / IMAGE_FOLDER if (src / IMAGE_FOLDER).is_dir() else src
-    if not any(p.is_dir() and CASE_PATTERN.match(p.name) for p in images.iterdir()):
+    """The case folders and the task's label folder; the archives may unpack into a second folder of the same
+    name (``SegRap2023_Training_Set_120cases/SegRap2023_Training_Set_120cases/segrap_XXXX``)."""
+    candidates = [src / IMAGE_FOLDER / IMAGE_FOLDER, src / IMAGE_FOLDER, src]
+    images = next((folder for folder in candidates if _has_cases(folder)), None)
+    if images is None:
         raise UserFacingError(
             f"{src} does not look like the SegRap2023 release: expected {IMAGE_FOLDER}/segrap_XXXX/ folders with "
             f"{' and '.join(CHANNEL_FILES)} (and the {IMAGE_FOLDER}{LABELS_SUFFIX}/ folder beside it). Pass the "
             f"folder that holds both.")
-    labels = images.with_name(images.name + LABELS_SUFFIX) / TASK_FOLDERS[task]
-    if not labels.is_dir():
+    labels_name = IMAGE_FOLDER + LABELS_SUFFIX if images.name == IMAGE_FOLDER else images.name + LABELS_SUFFIX
+    bases = [images.parent] + ([images.parent.parent] if images.parent.name == images.name else [])
+    tried = [base / labels_name / sub / TASK_FOLDERS[task] for base in bases for sub in ("", labels_name)]
+    labels = next((folder for folder in tried if folder.is_dir()), None)
+    if labels is None:
         raise UserFacingError(
-            f"{labels} not found: the {task.upper()} task's label maps are in the release's "
-            f"{images.name}{LABELS_SUFFIX}/{TASK_FOLDERS[task]}/ folder (segrap_XXXX.nii.gz). Unpack it next to "
-            f"{images}.")
+            f"{tried[0]} not found: the {task.upper()} task's label maps are in the release's "
+            f"{labels_name}/{TASK_FOLDERS[task]}/ folder (segrap_XXXX.nii.gz). Unpack it next to {images}.")
     return images, labels
 
 
@@ -176,7 +176,7 @@ def plan(src: str | Path, task: str = "oar") -> ConversionPlan:
     labels = task_labels(task)
     dataset_json = {
         "name": default_name(task),
-        "description": ("SegRap2023 task 1: 45 OARs as the organisers' 54 disjoint classes (OAR = union of classes, "
+        "description": ("SegRap2023 task 1: 45 OARs as the release's 54 disjoint classes (OAR = union of classes, "
                         "see nnunet_ext.challenges.segrap2023.OAR_COMPOSITION)" if task == "oar" else
                         "SegRap2023 task 2: GTVp and GTVnd") + "; channel 0 non-contrast CT, 1 contrast CT.",
         "reference": "https://segrap2023.grand-challenge.org/",
@@ -186,3 +186,49 @@ def plan(src: str | Path, task: str = "oar") -> ConversionPlan:
     }
     identity = {"challenge": CHALLENGE, "task": task}
     return ConversionPlan(CHALLENGE, identity, dataset_json, frozenset(labels.values()), cases, problems, str(src))
+
+
+# --------------------------------------------------------------------------------------
+# What the registry reads (nnunet_ext.challenges.registry)
+# --------------------------------------------------------------------------------------
+
+REPOSITORY = "https://github.com/HiLab-git/SegRap2023"
+#: output folder of the algorithm container per task (organisers' README, section 1.1)
+OUTPUT_FOLDERS = {"oar": "images/head-neck-segmentation", "gtv": "images/gross-tumor-volume-segmentation"}
+
+
+def conversion(src: str | Path, options: dict) -> tuple[ConversionPlan, str]:
+    """``nnunet-ext convert segrap2023 --task oar|gtv``: the plan and the default dataset name."""
+    task = str(options.get("task"))
+    return plan(src, task), default_name(task)
+
+
+def labels(task: str | None) -> dict:
+    return task_labels(str(task))
+
+
+def stack_channels(task: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """The 4D output's channels in the organisers' order, each with the predicted values it unites."""
+    if task == "oar":
+        return tuple(OAR_COMPOSITION.items())
+    return tuple((name, (value,)) for name, value in GTV_LABELS.items())
+
+
+def _format(task: str, title: str, phase: str, case_pattern: re.Pattern, example: str, source: str) -> SubmissionFormat:
+    return SubmissionFormat(CHALLENGE, title, phase, case_pattern, ".mha", frozenset(task_labels(task).values()),
+                            frozenset({0, 1}), "{case}/" + CHANNEL_FILES[0], example, stack_channels(task),
+                            source=source)
+
+
+def submission_format(task: str, phase: str = "local") -> SubmissionFormat:
+    """``local``: segrap_XXXX.mha per case, the 4D uint8 stack the container writes (45 OARs or GTVp, GTVnd)."""
+    return _format(task, f"SegRap2023 {task.upper()}", phase, CASE_PATTERN, "segrap_0001", REPOSITORY)
+
+
+def container_interface(task: str) -> ContainerInterface:
+    """Two CTs in (non-contrast first), one 4D stack out, named like the non-contrast CT's uuid."""
+    output = _format(task, f"SegRap2023 {task.upper()} container", "test", re.compile(r"^.+$"), "<uuid>",
+                     REPOSITORY + "#11-important-input-and-output")
+    return ContainerInterface((InputSlot("images/head-neck-ct", ".mha", "non-contrast CT"),
+                               InputSlot("images/head-neck-contrast-enhanced-ct", ".mha", "contrast-enhanced CT")),
+                              OUTPUT_FOLDERS[task], output, output.source)

@@ -1,36 +1,31 @@
 """Challenge submissions from nnU-Net predictions, and a validator to run before uploading.
 
 nnU-Net writes one ``<case>.nii.gz`` label map per test case, in the dataset's label space, on the
-test image's grid. Each challenge wants its own naming, values, data type and format:
+test image's grid. Each challenge's :class:`~nnunet_ext.challenges.definition.SubmissionFormat` (from
+its module, through :mod:`nnunet_ext.challenges.registry`) says what its leaderboard takes: naming,
+values, data type, file type, a 4D stack of masks, and whether the files go into a zip (AMOS22:
+``results/amos_XXXX.nii.gz``). The facts and their sources are in each challenge's module and how-to page.
 
-- KiTS21: ``case_XXXXX.nii.gz``, uint8, 0 background, 1 kidney, 2 tumour, 3 cyst. Our KiTS21 dataset
-  is region-based and nnU-Net's export paints the regions with ``regions_class_order`` [1, 3, 2],
-  so its predictions already hold these values (tested); export only checks and casts.
-- AMOS22: ``amos_XXXX.nii.gz``, uint8, 0..15 as in the release's dataset.json.
-- SegRap2023: the challenge ran algorithm containers that write, per case, one 4D ``.mha``: the
-  binary masks of the 45 OARs (task 1) or of GTVp and GTVnd (task 2) stacked along a fourth axis in
-  a fixed order, shape [N, *image shape] as numpy sees it (SimpleITK JoinSeries of 3D images), with
-  the image's spacing (organisers' ``stacked_results_to_4d_mha.py`` and Docker example). We write
-  ``segrap_XXXX.mha`` in that format, uint8 0/1, the 3D grid copied from the prediction; the OAR
-  masks are unions of the 54 predicted classes (:data:`segrap2023.OAR_COMPOSITION`). Inside a
-  container, name the file as the container's input file instead.
-
-The validator checks a submission folder against the test images: every test case present and no
-other file, each file decoded in full (a truncated ``.nii.gz`` is caught by its gzip stream), same
-size/spacing/origin/direction as the image (the tolerance of nnU-Net's checks), only the allowed
-whole-number values, uint8, and for SegRap2023 a fourth axis of the right length.
+The validator checks a submission (folder or zip) against the expected case list (``--images``: the
+test or validation images, nnU-Net's ``<case>_0000.nii.gz`` or the release's layout, restricted to the
+task's cases): every case present and no other file, each file decoded in full (a truncated
+``.nii.gz`` is caught by its gzip stream), same size/spacing/origin/direction as the image (the
+tolerance of nnU-Net's checks), only the allowed whole-number values, uint8, and for a 4D stack the
+right number of masks. In a zip, members are checked by name before anything is extracted (into a
+temporary folder of ours), so a hand-built zip with stray or escaping names is reported, never unpacked.
 
 Export is all or nothing: every prediction is decoded and checked (3D label map, whole numbers in
-the dataset's label space, the test image's grid, every test case predicted) while the files are
-written into a staging folder beside OUT through :mod:`nnunet_ext.atomic_io`; the staged folder is
-validated and only then put in place, replacing an earlier submission whole. A problem, an error or
-Ctrl-C leaves OUT as it was. An OUT holding anything but this challenge's submission files is
-refused, and one submit at a time may write an OUT (a lock beside it).
+the dataset's label space, the test image's grid, every expected case predicted) while the files are
+written into a staging folder beside OUT through :mod:`nnunet_ext.atomic_io`; the staged files are
+validated and only then put in place (a folder replacing an earlier submission whole, or the zip
+written atomically). A problem, an error or Ctrl-C leaves OUT as it was. An OUT holding anything but
+this challenge's submission is refused, and one submit at a time may write an OUT (a lock beside it).
 """
 from __future__ import annotations
 
 import os
 import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -38,55 +33,13 @@ from typing import Any, Callable
 import numpy as np
 
 from nnunet_ext import atomic_io
-from nnunet_ext.challenges import amos22, kits21, segrap2023
+from nnunet_ext.challenges import archive
 from nnunet_ext.challenges.common import FILE_ENDING, Geometry, read_geometry
+from nnunet_ext.challenges.definition import SubmissionFormat
 from nnunet_ext.errors import UserFacingError
 
-CHALLENGES = ("kits21", "amos22", "segrap2023")
 #: How long a second submit into the same OUT waits for the first before it is refused.
 LOCK_TIMEOUT_SECONDS = 60.0
-
-
-@dataclass(frozen=True)
-class SubmissionFormat:
-    """What one challenge (task) expects in a submission folder, and how to get there from nnU-Net."""
-
-    title: str
-    case_pattern: re.Pattern
-    extension: str
-    prediction_values: frozenset[int]  # allowed in nnU-Net's predictions (the dataset's label values)
-    submission_values: frozenset[int]
-    release_image: str  # path of a case's image in the release's test folder, "{case}" replaced
-    channels: tuple[tuple[str, tuple[int, ...]], ...] | None = None  # 4D: per channel, the predicted values
-
-    def example(self) -> str:
-        return {"KiTS21": "case_00300", "AMOS22": "amos_0001"}.get(self.title, "segrap_0001") + self.extension
-
-    def to_submission(self, labels: np.ndarray) -> np.ndarray:
-        """A prediction's label map -> the submission array (3D uint8 labels, or [N, ...] uint8 masks)."""
-        if self.channels is None:
-            return labels.astype(np.uint8)
-        return np.stack([np.isin(labels, values) for _, values in self.channels]).astype(np.uint8)
-
-
-def submission_format(challenge: str, task: str | None = None) -> SubmissionFormat:
-    if challenge == "kits21":
-        return SubmissionFormat("KiTS21", kits21.CASE_PATTERN, FILE_ENDING, frozenset(kits21.SOURCE_LABELS),
-                                frozenset(kits21.SOURCE_LABELS), "{case}/" + kits21.IMAGE_FILE)
-    if challenge == "amos22":
-        values = frozenset(range(amos22.NUM_LABELS))
-        return SubmissionFormat("AMOS22", amos22.CASE_PATTERN, FILE_ENDING, values, values, "{case}" + FILE_ENDING)
-    if challenge == "segrap2023":
-        if task not in segrap2023.TASKS:
-            raise UserFacingError(f"segrap2023 needs --task {{{','.join(segrap2023.TASKS)}}} (got {task!r}).")
-        if task == "oar":
-            channels = tuple(segrap2023.OAR_COMPOSITION.items())
-        else:
-            channels = tuple((name, (value,)) for name, value in segrap2023.GTV_LABELS.items())
-        return SubmissionFormat(f"SegRap2023 {task.upper()}", segrap2023.CASE_PATTERN, ".mha",
-                                frozenset(segrap2023.task_labels(task).values()), frozenset({0, 1}),
-                                "{case}/" + segrap2023.CHANNEL_FILES[0], channels)
-    raise UserFacingError(f"unknown challenge {challenge!r}; choose one of {', '.join(CHALLENGES)}.")
 
 
 @dataclass
@@ -108,15 +61,15 @@ class Report:
         self.problems.append((where, problem))
 
     def format(self, title: str) -> str:
-        against = f" against {self.expected} test images" if self.expected is not None else \
+        against = f" against {self.expected} images" if self.expected is not None else \
             " (no --images: case list and geometry not checked)"
         lines = [f"Checked {self.checked} {title} {self.what} in {self.folder}{against}."]
         lines += [f"  {where}: {problem}" for where, problem in sorted(self.problems)]
         if not self.ok:
             lines.append(f"INVALID: {len(self.problems)} problem(s). Fix them before uploading.")
         elif self.expected is None:
-            lines.append(f"VALID as far as checked (naming, label values, dtype); add --images to check the case "
-                         f"list and the grids too.")
+            lines.append("VALID as far as checked (naming, label values, dtype); add --images to check the case "
+                         "list and the grids too.")
         else:
             lines.append(f"VALID: case list, naming, grids, label values and dtype as {title} requires.")
         return "\n".join(lines + self.notes)
@@ -130,7 +83,7 @@ def _case_of(name: str, suffix: str, pattern: re.Pattern) -> str | None:
 
 
 def reference_images(fmt: SubmissionFormat, images_dir: str | os.PathLike) -> dict[str, Path]:
-    """Test images by case: nnU-Net's imagesTs layout (``<case>_0000.nii.gz``) or the release's layout."""
+    """Images by case (nnU-Net's ``<case>_0000.nii.gz`` or the release's layout), the task's cases only."""
     folder = Path(images_dir)
     if not folder.is_dir():
         raise UserFacingError(f"--images {folder} is not a folder.")
@@ -143,10 +96,12 @@ def reference_images(fmt: SubmissionFormat, images_dir: str | os.PathLike) -> di
         release_image = folder / fmt.release_image.format(case=entry.name.split(".")[0])
         if fmt.case_pattern.match(entry.name.split(".")[0]) and release_image.is_file():
             found[entry.name.split(".")[0]] = release_image
+    if fmt.selects is not None:
+        found = {case: path for case, path in found.items() if fmt.selects(case)}
     if not found:
         raise UserFacingError(
-            f"no {fmt.title} test images in {folder}: expected nnU-Net's <case>_0000{FILE_ENDING} files or the "
-            f"release's layout ({fmt.release_image.format(case=fmt.example().split('.')[0])}).")
+            f"no {fmt.title} images in {folder}: expected nnU-Net's <case>_0000{FILE_ENDING} files or the "
+            f"release's layout ({fmt.release_image.format(case=fmt.example_case)}) of this task's cases.")
     return found
 
 
@@ -197,14 +152,30 @@ def _label_values(array: np.ndarray) -> set[int] | None:
     return {int(v) for v in np.unique(array)}
 
 
-def validate_submission(fmt: SubmissionFormat, folder: str | os.PathLike,
+def validate_submission(fmt: SubmissionFormat, submission: str | os.PathLike,
                         images_dir: str | os.PathLike | None = None) -> Report:
-    """Check a submission folder; with ``images_dir``, also against the test-image list and their grids."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UserFacingError(f"{folder} is not a folder.")
+    """Check a submission (a folder, or for a zip format the .zip); with ``images_dir``, also against the
+    expected case list (the task's images there) and their grids."""
+    submission = Path(submission)
     references = reference_images(fmt, images_dir) if images_dir is not None else None
-    report = Report(folder, expected=len(references) if references is not None else None)
+    if fmt.archive_folder is None:
+        if not submission.is_dir():
+            raise UserFacingError(f"{submission} is not a folder; a {fmt.title} submission is a folder of "
+                                  f"{fmt.example()} files.")
+        return _validate_folder(fmt, submission, references, images_dir, submission)
+    if not submission.is_file():
+        raise UserFacingError(f"{submission} is not a file; a {fmt.title} submission is one .zip holding "
+                              f"{fmt.archive_folder}/{fmt.example()} files.")
+    with tempfile.TemporaryDirectory(prefix="nnunet-ext-submission-") as scratch:
+        problems, _ = archive.extract(fmt, submission, Path(scratch))
+        report = _validate_folder(fmt, Path(scratch), references, images_dir, submission)
+    report.problems = problems + report.problems
+    return report
+
+
+def _validate_folder(fmt: SubmissionFormat, folder: Path, references: dict[str, Path] | None, images_dir,
+                     shown: Path) -> Report:
+    report = Report(shown, expected=len(references) if references is not None else None)
     submitted = {}
     for entry in sorted(folder.iterdir()):
         case = _case_of(entry.name, fmt.extension, fmt.case_pattern)
@@ -214,9 +185,10 @@ def validate_submission(fmt: SubmissionFormat, folder: str | os.PathLike,
             submitted[case] = entry
     if references is not None:
         for case in sorted(set(references) - set(submitted)):
-            report.add(case, f"missing: no {case}{fmt.extension} for test image {references[case]}")
+            report.add(case, f"missing: no {case}{fmt.extension} for image {references[case]}")
         for case in sorted(set(submitted) - set(references)):
-            report.add(case, f"{submitted[case].name} is not one of the test images in {images_dir}")
+            report.add(case, f"{submitted[case].name} is not one of this task's images in {images_dir}")
+        _note_official_count(fmt, references, report)
     for case, path in submitted.items():
         report.checked += 1
         image, problem = read_label_file(path)
@@ -229,18 +201,26 @@ def validate_submission(fmt: SubmissionFormat, folder: str | os.PathLike,
     return report
 
 
+def _note_official_count(fmt: SubmissionFormat, references: dict[str, Path], report: Report) -> None:
+    if fmt.official_count is not None and len(references) != fmt.official_count:
+        report.notes.append(f"Note: {fmt.title} is scored only on all {fmt.official_count} images of the phase "
+                            f"(the release's own folder); --images holds {len(references)} of this task's images "
+                            f"({fmt.source}).")
+
+
 def _file_problems(fmt: SubmissionFormat, image, reference: Path | None) -> list[str]:
     import SimpleITK as sitk
 
     problems = []
+    channels = fmt.channels or ()
     dims = 3 if fmt.channels is None else 4
     if image.GetDimension() != dims or image.GetNumberOfComponentsPerPixel() != 1:
-        what = "a 3D label map" if dims == 3 else f"a 4D image of {len(fmt.channels)} stacked masks"
+        what = "a 3D label map" if dims == 3 else f"a 4D image of {len(channels)} stacked masks"
         return [f"expected {what}, got a {image.GetDimension()}D image with {image.GetNumberOfComponentsPerPixel()} "
                 f"component(s), size {image.GetSize()}"]
-    if dims == 4 and image.GetSize()[3] != len(fmt.channels):
-        problems.append(f"fourth axis has {image.GetSize()[3]} masks, expected {len(fmt.channels)} "
-                        f"({', '.join(name for name, _ in fmt.channels[:3])}, ...)")
+    if dims == 4 and image.GetSize()[3] != len(channels):
+        problems.append(f"fourth axis has {image.GetSize()[3]} masks, expected {len(channels)} "
+                        f"({', '.join(name for name, _ in channels[:3])}, ...)")
     if image.GetPixelID() != sitk.sitkUInt8:
         problems.append(f"dtype {image.GetPixelIDTypeAsString()}, expected 8-bit unsigned integer (uint8)")
     values = _label_values(sitk.GetArrayViewFromImage(image))
@@ -286,13 +266,18 @@ def _refuse_overlapping_folders(predictions: Path, out: Path, images_dir: str | 
     for what, folder in inputs:
         folder = folder.resolve()
         if target == folder or folder in target.parents or target in folder.parents:
-            raise UserFacingError(f"OUT {out} overlaps {what} {folder}, which is only read. Give a new folder "
-                                  f"outside it as OUT.")
+            raise UserFacingError(f"OUT {out} overlaps {what} {folder}, which is only read. Give a new "
+                                  f"{'file' if out.suffix == '.zip' else 'folder'} outside it as OUT.")
 
 
 def _refuse_foreign_output(fmt: SubmissionFormat, out: Path) -> None:
     """An existing OUT may be empty or hold a previous submission of this challenge (then it is replaced)."""
-    if not out.exists():
+    if not out.exists() and not out.is_symlink():
+        return
+    if fmt.archive_folder is not None:
+        if out.is_symlink() or not out.is_file() or not archive.is_submission_archive(fmt, out):
+            raise UserFacingError(f"OUT {out} exists and is not a {fmt.title} submission zip written by nnunet-ext "
+                                  f"submit; it was left untouched. Give a new .zip name, or remove it yourself.")
         return
     if not out.is_dir():
         raise UserFacingError(f"OUT {out} exists and is not a folder; it was left untouched. Give a new folder.")
@@ -339,7 +324,7 @@ def _export_into(fmt: SubmissionFormat, cases: dict[Path, str | None], reference
             problems.append((path.name, "not a case name of this challenge; not exported"))
             continue
         if references is not None and case not in references:
-            problems.append((case, f"{path.name} is not one of the test images in {images_dir}; not exported"))
+            problems.append((case, f"{path.name} is not one of this task's images in {images_dir}; not exported"))
             continue
         image, problem = read_label_file(path)
         if image is None:
@@ -351,29 +336,43 @@ def _export_into(fmt: SubmissionFormat, cases: dict[Path, str | None], reference
         elif not problems:  # once anything failed nothing will be kept: only check the rest
             _write(fmt, fmt.to_submission(labels), image, staging / f"{case}{fmt.extension}")
             log(f"[{index}/{len(cases)}] {case}{fmt.extension}")
-    for case in sorted(set(references or ()) - set(cases.values())):
-        problems.append((case, f"missing: no prediction {case}{FILE_ENDING} for test image {references[case]}"))
+    for case in sorted(set(references or {}) - set(cases.values())):
+        problems.append((case, f"missing: no prediction {case}{FILE_ENDING} for image {(references or {})[case]}"))
     return problems
+
+
+def _check_output_name(fmt: SubmissionFormat, out: Path, images_dir) -> None:
+    if fmt.archive_folder is None:
+        return
+    if out.suffix != ".zip":
+        raise UserFacingError(f"{fmt.title} takes one zip file: give OUT as a file name ending in .zip (e.g. "
+                              f"{out.name or 'submission'}.zip), not {out}.")
+    if images_dir is None:
+        raise UserFacingError(f"{fmt.title} scores a zip only when it matches the images one-to-one: give them with "
+                              f"--images (nnU-Net's imagesVa/imagesTs of the converted dataset, or the release's "
+                              f"folder).")
 
 
 def export_submission(fmt: SubmissionFormat, predictions: str | os.PathLike, out: str | os.PathLike,
                       images_dir: str | os.PathLike | None = None,
                       log: Callable[[str], None] = print) -> Report:
-    """Check every prediction, write the submission files, validate them, then put the folder in place.
+    """Check every prediction, write the submission files, validate them, then put OUT in place.
 
-    All or nothing: if any prediction cannot be exported or the written folder does not validate,
-    the report lists why and ``out`` is left as it was. ``out`` may be absent, empty or an earlier
+    All or nothing: if any prediction cannot be exported or the written files do not validate, the
+    report lists why and ``out`` is left as it was. ``out`` may be absent, empty or an earlier
     submission of this challenge (replaced whole); anything else is refused. One run per ``out``.
+    A zip format (``fmt.archive_folder``) needs ``images_dir``, the case list the zip must match.
     """
     predictions, out = Path(predictions), Path(out)
     if not predictions.is_dir():
         raise UserFacingError(f"{predictions} is not a folder of nnU-Net predictions.")
+    _check_output_name(fmt, out, images_dir)
     _refuse_overlapping_folders(predictions, out, images_dir)
     files = sorted(p for p in predictions.iterdir() if p.name.endswith(FILE_ENDING))
     cases = {p: _case_of(p.name, FILE_ENDING, fmt.case_pattern) for p in files}
     if not any(cases.values()):
         raise UserFacingError(f"no {fmt.title} predictions in {predictions}: expected nnU-Net outputs named like "
-                              f"{fmt.example().split('.')[0]}{FILE_ENDING}.")
+                              f"{fmt.example_case}{FILE_ENDING}.")
     references = reference_images(fmt, images_dir) if images_dir is not None else None
     target = out.resolve()
     _refuse_foreign_output(fmt, target)  # before the lock: a refusal leaves no lock file
@@ -381,22 +380,38 @@ def export_submission(fmt: SubmissionFormat, predictions: str | os.PathLike, out
         _refuse_foreign_output(fmt, target)
         atomic_io.remove_stale_temporaries(target.parent)
         try:
-            with atomic_io.staged_folder(target, replace=True) as staging:
-                problems = _export_into(fmt, cases, references, staging, images_dir, log)
-                report = Report(predictions, checked=sum(case is not None for case in cases.values()),
-                                expected=len(references) if references else None, problems=problems,
-                                what="predictions")
-                if report.ok:
-                    report = validate_submission(fmt, staging, images_dir)
-                    report.folder = out
+            with _staging(fmt, target) as staging:
+                report = _export_and_check(fmt, cases, references, staging, predictions, images_dir, log)
+                report.folder = out
                 if not report.ok:
                     raise _NotWritten(report)
+                if fmt.archive_folder is not None:
+                    archive.write_archive(fmt, staging, target)
         except _NotWritten as refused:
             report = refused.report
             report.notes.append(f"Nothing was written: {out} is as it was. Fix the problems above and run again.")
         except KeyboardInterrupt:
             log(f"Interrupted: nothing was written, {out} is as it was. Run the same command again.")
             raise
+    return report
+
+
+def _staging(fmt: SubmissionFormat, target: Path):
+    """Where the files are written first: the folder that becomes OUT, or (zip) a scratch folder beside it."""
+    if fmt.archive_folder is None:
+        return atomic_io.staged_folder(target, replace=True)
+    return atomic_io.scratch_folder(target)
+
+
+def _export_and_check(fmt: SubmissionFormat, cases: dict[Path, str | None], references: dict[str, Path] | None,
+                      staging: Path, predictions: Path, images_dir, log: Callable[[str], None]) -> Report:
+    problems = _export_into(fmt, cases, references, staging, images_dir, log)
+    report = Report(predictions, checked=sum(case is not None for case in cases.values()),
+                    expected=len(references) if references else None, problems=problems, what="predictions")
+    if report.ok:
+        report = _validate_folder(fmt, staging, references, images_dir, staging)
+    elif references is not None:
+        _note_official_count(fmt, references, report)
     return report
 
 
@@ -414,3 +429,14 @@ def _write(fmt: SubmissionFormat, array: np.ndarray, prediction, target: Path) -
             masks[-1].CopyInformation(prediction)
         image = sitk.JoinSeries(masks)
     atomic_io.write_with(target, lambda temporary: sitk.WriteImage(image, str(temporary), True))
+
+
+def prediction_labels(fmt: SubmissionFormat, path: Path, image, reference: Path | None) -> tuple[Any, str]:
+    """(label array, "") for a decoded prediction that fits ``fmt`` (3D, whole numbers in its label space, on
+    ``reference``'s grid), else (None, what is wrong)."""
+    return _prediction_problem(fmt, path, image, reference)
+
+
+def write_file(fmt: SubmissionFormat, labels: np.ndarray, prediction, target: Path) -> None:
+    """Write one file of ``fmt`` (label map or 4D stack) from ``labels`` on ``prediction``'s grid, atomically."""
+    _write(fmt, fmt.to_submission(labels), prediction, target)

@@ -1,6 +1,7 @@
 """``nnunet-ext convert``: a challenge's official release -> an nnU-Net v2 raw dataset.
 
-One sub-command per challenge (each has its own options). The work is streamed case by case,
+One sub-command per challenge of :mod:`nnunet_ext.challenges.registry` (each with its own
+options, converted by the challenge's module). The work is streamed case by case,
 resumable (run it again to complete or verify) and parallel; the source is only read. Exit status:
 0 when every case is in the dataset, 1 when a case failed (the summary says which and why), 2 for
 bad input (wrong layout, dataset id taken, ...), 130 when interrupted (run it again to finish).
@@ -32,57 +33,41 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_parser(subparsers) -> None:
+    from nnunet_ext.challenges import registry
+
     parser = subparsers.add_parser(
-        "convert", help="a challenge release (KiTS21, AMOS22, SegRap2023) -> an nnU-Net raw dataset",
+        "convert", help="a challenge release (" + ", ".join(e.title for e in registry.CHALLENGES) + ") -> an nnU-Net "
+                        "raw dataset",
         description="Converts a challenge's official release layout into $nnUNet_raw/DatasetXXX_NAME (imagesTr, "
-                    "labelsTr, imagesTs, dataset.json): case by case, resumable, in parallel. Every file of a case "
-                    "is decoded in full and checked before the case is written (truncated or unreadable files, "
-                    "dimension, grid of channels and label, label values, NaN/Inf); a case that fails is reported "
-                    "and left out, never resampled. Ctrl-C leaves only complete cases; run it again to finish.",
+                    "labelsTr, imagesVa/imagesTs, dataset.json): case by case, resumable, in parallel. Every file of "
+                    "a case is decoded in full and checked before the case is written (truncated or unreadable "
+                    "files, dimension, grid of channels and label, label values, NaN/Inf); a case that fails is "
+                    "reported and left out, never resampled. Ctrl-C leaves only complete cases; run it again to "
+                    "finish.",
         epilog=EPILOG)
     challenges = parser.add_subparsers(dest="challenge", metavar="CHALLENGE", required=True)
-    kits = challenges.add_parser(
-        "kits21", help="KiTS21: SRC = kits21/data (case_XXXXX/imaging.nii.gz, aggregated_MAJ_seg.nii.gz)",
-        description="SRC is the KiTS21 release's data/ folder of case_XXXXX/ folders with imaging.nii.gz and "
-                    "aggregated_MAJ_seg.nii.gz. Writes a region-based dataset (kidney+masses, masses, tumor; "
-                    "regions_class_order 1,3,2). Cases without a segmentation go to imagesTs. Default name KiTS21.",
-        epilog=EPILOG)
-    _common_arguments(kits)
-    amos = challenges.add_parser(
-        "amos22", help="AMOS22: SRC = amos22/ (dataset.json, imagesTr, labelsTr, imagesVa, labelsVa, imagesTs)",
-        description="SRC is the unpacked AMOS22 release with its dataset.json. Task 1: CT cases (ids <= 500); task "
-                    "2: CT and MRI. Labels from the release's dataset.json. Validation cases go to imagesTs/labelsTs "
-                    "unless --include-validation. Default name AMOS22Task1 / AMOS22Task2.",
-        epilog=EPILOG)
-    _common_arguments(amos)
-    amos.add_argument("--task", choices=("1", "2", "mri"), default="2",
-                      help="1: CT only; 2: CT and MRI (default); mri: MRI only (merge with task 1 for a CT + MRI "
-                           "universal dataset)")
-    amos.add_argument("--include-validation", action="store_true",
-                      help="train on the validation cases too (needs labelsVa)")
-    segrap = challenges.add_parser(
-        "segrap2023", help="SegRap2023: SRC holds SegRap2023_Training_Set_120cases and its _OneHot_Labels",
-        description="SRC holds SegRap2023_Training_Set_120cases/segrap_XXXX/{image,image_contrast}.nii.gz and "
-                    "SegRap2023_Training_Set_120cases_OneHot_Labels/Task001|Task002/. Channels: 0 non-contrast CT, "
-                    "1 contrast CT. --task oar: the 45 OARs as the organisers' 54 disjoint classes; --task gtv: "
-                    "GTVp, GTVnd. One dataset per task. Default name SegRap2023OAR / SegRap2023GTV.",
-        epilog=EPILOG)
-    _common_arguments(segrap)
-    segrap.add_argument("--task", choices=("oar", "gtv"), required=True, help="oar (task 1) or gtv (task 2)")
+    for entry in registry.CHALLENGES:
+        sub = challenges.add_parser(entry.name, help=f"{entry.title}: {entry.release}",
+                                    description=entry.convert_description, epilog=EPILOG)
+        _common_arguments(sub)
+        for option in entry.convert_options:
+            if option.switch:
+                sub.add_argument(option.flag, action="store_true", help=option.help)
+            else:
+                sub.add_argument(option.flag, choices=option.choices, default=option.default,
+                                 required=option.required, help=option.help)
 
 
-def _plan(args: argparse.Namespace):
-    from nnunet_ext.challenges import amos22, kits21, segrap2023
+def _options(args: argparse.Namespace) -> dict:
+    from nnunet_ext.challenges import registry
 
-    if args.challenge == "kits21":
-        return kits21.plan(args.src), kits21.DEFAULT_NAME
-    if args.challenge == "amos22":
-        task = amos22.parse_task(args.task)
-        return amos22.plan(args.src, task, args.include_validation), amos22.default_name(task)
-    return segrap2023.plan(args.src, args.task), segrap2023.default_name(args.task)
+    entry = registry.get(args.challenge)
+    names = [option.flag.lstrip("-").replace("-", "_") for option in entry.convert_options]
+    return {name: getattr(args, name) for name in names}
 
 
 def run(args: argparse.Namespace) -> int:
+    from nnunet_ext.challenges import registry
     from nnunet_ext.challenges.common import run_conversion
     from nnunet_ext.setup_checks import require_path_variables
 
@@ -91,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserFacingError(f"-np must be at least 1, got {args.num_processes}.")
     if not os.path.isdir(args.src):
         raise UserFacingError(f"SRC {args.src} is not a folder.")
-    plan, default_name = _plan(args)
+    plan, default_name = registry.load(registry.get(args.challenge).converter)(args.src, _options(args))
     try:
         summary = run_conversion(plan, os.environ["nnUNet_raw"], args.dataset_id,
                                  default_name if args.name is None else args.name,

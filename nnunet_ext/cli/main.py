@@ -10,10 +10,11 @@ from nnunet_ext.cli import preprocess_unlabeled
 from nnunet_ext.cli import merge, predict
 from nnunet_ext.cli import slurm
 from nnunet_ext.cli import import_weights
+from nnunet_ext.cli import challenge_infer, container
 from nnunet_ext.errors import UserFacingError
 
 SUBCOMMANDS = (list_command, doctor, env, demo, plan, convert, submit, preprocess_unlabeled, merge, predict, slurm,
-               import_weights)
+               import_weights, container, challenge_infer)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,11 +24,15 @@ def add_parser(subparsers) -> None:
                     "decoded and checked first (truncated, NaN, off-grid, wrong dimension, undeclared labels): a bad "
                     "file is named and nothing is written. The output is built in a staging folder and moved into "
                     "place (Ctrl-C leaves nothing; run again to finish); a second merge to the same output waits "
-                    "for the first. Then plan and preprocess with the stock nnUNetv2_plan_and_preprocess -d NNN.")
+                    "for the first. -np worker processes check and write (same output as one). Then plan and "
+                    "preprocess with the stock nnUNetv2_plan_and_preprocess -d NNN.")
     parser.add_argument("-d", type=int, nargs="+", required=True, metavar="ID",
                         help="source dataset ids, in task order")
     parser.add_argument("-o", type=int, required=True, metavar="ID", help="id of the new merged dataset")
     parser.add_argument("--name", default="Merged", help="name of the merged dataset (default: Merged)")
+    parser.add_argument("-np", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 2)), dest="num_processes",
+                        help="[OPTIONAL] worker processes that decode, check and write (the output is the same "
+                             "for any number). Default: half the CPU cores, at most 8")
     parser.add_argument("--copy", action="store_true",
                         help="copy image files instead of hard-linking them (default: hard links where the "
                              "filesystem allows, else copies)")
@@ -46,14 +50,16 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nnunet_ext.tasks.merge import MergeOptions, merge_datasets, parse_rename_labels
+    from nnunet_ext.tasks.merge import MergeError, MergeOptions, merge_datasets, parse_rename_labels
 
     require_path_variables(("nnUNet_raw",))
+    if args.num_processes < 1:
+        raise MergeError(f"-np must be at least 1, got {args.num_processes}.")
     options = MergeOptions(
         task_names=tuple(args.task_names) if args.task_names else None,
         share_labels=not args.no_share_labels, separate_labels=tuple(args.separate_label),
         rename_labels=parse_rename_labels(args.rename_label), copy=args.copy)
-    result = merge_datasets(Path(os.environ["nnUNet_raw"]), args.d, args.o, args.name, options)
+    result = merge_datasets(Path(os.environ["nnUNet_raw"]), args.d, args.o, args.name, options, args.num_processes)
     tasks = result.task_map
     names = {value: name for name, value in tasks.labels.items()}
     if result.status == "verified":

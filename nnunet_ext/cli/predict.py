@@ -1,8 +1,11 @@
 """``nnunet-ext predict --task NAME``: nnUNetv2_predict for models trained on a merged dataset.
 
-Takes nnUNetv2_predict's flags; the model is found from -d/-tr/-p/-c (or -m MODEL_FOLDER), the
-input images need only the task's own channels, and the labels are written in the task's own
-values (see :mod:`nnunet_ext.tasks.predict`).
+Takes nnUNetv2_predict's flags with its names and defaults (``-num_parts``/``-part_id``,
+``--save_probabilities``, ``--continue_prediction``, ``-chk``, ``-npp``/``-nps``, ...); the model is
+found from -d/-tr/-p/-c (or -m MODEL_FOLDER), the input images need only the task's own channels,
+and the labels (and probabilities) are written in the task's own label space, with the
+``dataset.json``, ``plans.json`` and ``predict_from_raw_data_args.json`` nnUNetv2_predict writes (see
+:mod:`nnunet_ext.tasks.predict`).
 
 ``--task all`` (every task) or ``--task A,B`` (also ``--task A --task B``) predicts several tasks in
 one pass, the shared encoder run once per window, into ``-o OUT/<task>/``; ``--combine`` adds
@@ -11,6 +14,13 @@ one pass, the shared encoder run once per window, into ``-o OUT/<task>/``; ``--c
 from __future__ import annotations
 
 import argparse
+import os
+
+
+def _default_processes(variable: str) -> int:
+    """nnUNetv2_predict's default for -npp/-nps: the variable if it holds a number, else 3."""
+    value = os.environ.get(variable, "")
+    return int(value) if value.isdigit() else 3
 
 
 def add_parser(subparsers) -> None:
@@ -20,7 +30,7 @@ def add_parser(subparsers) -> None:
         description="Predicts every case in -i as task --task with nnU-Net's predictor and writes the labels in "
                     "that task's own (source dataset's) label values. With --task all or --task A,B every listed "
                     "task is predicted in one pass (the shared encoder runs once per window) into -o OUT/<task>/, "
-                    "the same files a run per task writes. Flags as nnUNetv2_predict.")
+                    "the same files a run per task writes. Flags, names and defaults as nnUNetv2_predict.")
     parser.add_argument("--task", required=True, action="append",
                         help="task name (see the model's dataset.json 'tasks'); 'all' for every task, or a comma-"
                              "separated list A,B (or --task A --task B) for several, written to -o OUT/<task>/")
@@ -36,24 +46,42 @@ def add_parser(subparsers) -> None:
     parser.add_argument("-tr", default="nnUNetUniversalTrainer", help="trainer. Default: nnUNetUniversalTrainer")
     parser.add_argument("-p", default="nnUNetPlans", help="plans identifier. Default: nnUNetPlans")
     parser.add_argument("-f", nargs="+", default=None,
-                        help="folds (or 'all'). Default: every fold the model folder has")
+                        help="folds (or 'all'). Default: every fold_N the model folder has with the checkpoint "
+                             "(nnUNetv2_predict: 0 1 2 3 4, the same for a 5-fold model)")
     parser.add_argument("-chk", default="checkpoint_final.pth",
                         help="checkpoint file name in each fold folder, e.g. checkpoint_best.pth while training has "
                              "not finished. Default: checkpoint_final.pth")
-    parser.add_argument("-step_size", type=float, default=0.5, help="sliding-window step (fraction of the patch)")
+    parser.add_argument("-step_size", type=float, default=0.5,
+                        help="sliding-window step (fraction of the patch, at most 1). Default: 0.5")
     parser.add_argument("--disable_tta", action="store_true", help="no mirroring test-time augmentation")
+    parser.add_argument("--verbose", action="store_true", help="nnU-Net's predictor talks more")
+    parser.add_argument("--save_probabilities", action="store_true",
+                        help="also write CASE.npz (probabilities of the task's labels, background first, in label-"
+                             "value order) and CASE.pkl, as nnUNetv2_predict, for nnUNetv2_ensemble")
+    parser.add_argument("--continue_prediction", action="store_true",
+                        help="skip cases whose files are already in the output folder (continue an interrupted run)")
+    parser.add_argument("-npp", type=int, default=_default_processes("nnUNet_npp"),
+                        help="preprocessing processes (0 with -nps 0: everything in one process). Default: "
+                             "$nnUNet_npp or 3")
+    parser.add_argument("-nps", type=int, default=_default_processes("nnUNet_nps"),
+                        help="segmentation export processes. Default: $nnUNet_nps or 3")
+    parser.add_argument("-num_parts", type=int, default=1,
+                        help="number of separate predict calls sharing the cases (e.g. one per GPU). Default: 1")
+    parser.add_argument("-part_id", type=int, default=0,
+                        help="which of the -num_parts calls this is, from 0 to num_parts - 1 (same split as "
+                             "nnUNetv2_predict). Default: 0")
     parser.add_argument("-device", default="cuda", choices=("cuda", "cpu", "mps"), help="Default: cuda")
-    parser.add_argument("-npp", type=int, default=3, help="preprocessing processes")
-    parser.add_argument("-nps", type=int, default=3, help="segmentation export processes")
+    parser.add_argument("--disable_progress_bar", action="store_true", help="no progress bars (cluster logs)")
+    parser.add_argument("--not_on_device", action="store_true",
+                        help="keep the sliding-window accumulation in CPU memory (for cases larger than the GPU's)")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from nnunet_ext.errors import UserFacingError
     from nnunet_ext.setup_checks import require_path_variables
-    from nnunet_ext.tasks.predict import predict_task
+    from nnunet_ext.tasks.all_tasks import COMBINED, run_prediction
+    from nnunet_ext.tasks.predict import PredictOptions
 
     if args.m is None:
         if args.d is None:
@@ -62,26 +90,45 @@ def run(args: argparse.Namespace) -> int:
         model_folder = _model_folder(args)
     else:
         model_folder = args.m
-    folds = _folds(args.f)
     tasks = [name for value in args.task for name in value.split(",")]
     several = len(tasks) > 1 or tasks == ["all"]
     if args.combine and not several:
         raise UserFacingError(f"--combine merges the label maps of several tasks; give --task all or --task "
                               f"{tasks[0]},OTHER,...")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UserFacingError("-device cuda but no CUDA GPU is visible; use -device cpu.")
-    options = (folds, args.chk, args.step_size, not args.disable_tta, torch.device(args.device), args.npp, args.nps)
+    options = PredictOptions(
+        folds=_folds(args.f), checkpoint=args.chk, step_size=args.step_size, use_mirroring=not args.disable_tta,
+        device=_device(args.device), num_processes_preprocessing=args.npp, num_processes_export=args.nps,
+        save_probabilities=args.save_probabilities, continue_prediction=args.continue_prediction,
+        num_parts=args.num_parts, part_id=args.part_id, perform_everything_on_device=not args.not_on_device,
+        verbose=args.verbose, allow_tqdm=not args.disable_progress_bar)
+    names, predicted, done = run_prediction(model_folder, args.i, args.o, tasks, several, args.combine, options)
+    part = f" (part {args.part_id} of {args.num_parts})" if args.num_parts > 1 else ""
+    skipped = f"; {len(done)} already there (--continue_prediction)" if done else ""
     if not several:
-        cases = predict_task(model_folder, args.i, args.o, tasks[0], *options)
-        print(f"Predicted {len(cases)} case(s) as task {tasks[0]!r} into {args.o} (labels in the task's own values).")
+        print(f"Predicted {len(predicted)} case(s){part} as task {names[0]!r} into {args.o} (labels in the task's "
+              f"own values){skipped}.")
         return 0
-    from nnunet_ext.tasks.all_tasks import COMBINED, predict_tasks
-
-    names, cases = predict_tasks(model_folder, args.i, args.o, tasks, args.combine, *options)
     combined = f"; {COMBINED}/ in the merged label space" if args.combine else ""
-    print(f"Predicted {len(cases)} case(s) as tasks {', '.join(names)} into {args.o}/<task> (labels in each task's "
-          f"own values{combined}).")
+    print(f"Predicted {len(predicted)} case(s){part} as tasks {', '.join(names)} into {args.o}/<task> (labels in each "
+          f"task's own values{combined}){skipped}.")
     return 0
+
+
+def _device(name: str):
+    """The torch device, with nnUNetv2_predict's thread settings (all cores on CPU, one thread with CUDA)."""
+    import multiprocessing
+
+    import torch
+
+    from nnunet_ext.errors import UserFacingError
+
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise UserFacingError("-device cuda but no CUDA GPU is visible; use -device cpu.")
+        torch.set_num_threads(1)
+    elif name == "cpu":
+        torch.set_num_threads(multiprocessing.cpu_count())
+    return torch.device(name)
 
 
 def _model_folder(args: argparse.Namespace):

@@ -31,7 +31,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("-p", default="nnUNetPlans", metavar="PLANS",
                         help="[OPTIONAL] plans identifier, as nnUNetv2_train -p. Default: nnUNetPlans")
     parser.add_argument("-np", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 2)),
-                        help="[OPTIONAL] worker processes. Default: half the CPU cores, at most 8")
+                        help="[OPTIONAL] worker processes (spawned, as nnU-Net's preprocessing; the output is the "
+                             "same for any number; a progress bar shows on a terminal). Default: half the CPU "
+                             "cores, at most 8")
     parser.add_argument("--overwrite", action="store_true",
                         help="[OPTIONAL] redo every case, also those already preprocessed with the same plans")
     parser.set_defaults(run=run)

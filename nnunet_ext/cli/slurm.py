@@ -29,7 +29,8 @@ def add_parser(subparsers) -> None:
                     "array task per trainer x configuration x fold (requeue-safe: a requeued or re-run fold resumes "
                     "with --c; multi-GPU via -num_gpus), nnUNetv2_find_best_configuration, prediction with the best "
                     "model or ensemble, and a challenge submission. The job description is a JSON plan file (keys "
-                    "named like the flags: --partition-gpu <-> \"partition_gpu\"; see the docs, reference/slurm-plan) and/or flags; flags "
+                    "named like the flags: --partition-gpu <-> \"partition_gpu\"; see the docs, reference/slurm-plan) "
+                    "and/or flags; flags "
                     "override the file.",
         epilog="Then: bash OUT/submit_all.sh (or --submit). Without SLURM: the same command with --local.")
     parser.add_argument("plan", nargs="?", default=None, metavar="PLAN.json", help="job description (JSON)")

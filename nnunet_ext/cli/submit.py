@@ -1,9 +1,11 @@
-"""``nnunet-ext submit``: nnU-Net predictions -> a challenge submission folder, validated before upload.
+"""``nnunet-ext submit``: nnU-Net predictions -> what a challenge's leaderboard takes, validated before upload.
 
-``submit CHALLENGE PRED_DIR OUT [--images TEST_IMAGES]`` writes the challenge's files and checks
-them; ``submit CHALLENGE --check-only SUBMISSION --images TEST_IMAGES`` only checks a folder. Exit
-status 0 when the folder is valid, 1 when it is not (the report lists each problem; when exporting,
-nothing is written then), 2 for bad input. OUT is built beside itself and put in place whole.
+``submit CHALLENGE [--task T] [--phase P] PRED_DIR OUT --images IMAGES`` writes the challenge's files
+(a folder, or for AMOS22 one zip) and checks them against the images; ``submit CHALLENGE --check-only
+SUBMISSION --images IMAGES`` only checks a folder or zip, built by us or by hand. The formats come from
+:mod:`nnunet_ext.challenges.registry`. Exit status 0 when the submission is valid, 1 when it is not
+(the report lists each problem; when exporting, nothing is written then), 2 for bad input. OUT is
+built beside itself and put in place whole.
 """
 from __future__ import annotations
 
@@ -12,48 +14,57 @@ import argparse
 from nnunet_ext.errors import UserFacingError
 
 
-def _arguments(parser: argparse.ArgumentParser) -> None:
+def _arguments(parser: argparse.ArgumentParser, tasks: tuple[str, ...], phases: tuple[str, ...]) -> None:
     parser.add_argument("folder", metavar="PRED_DIR",
-                        help="nnU-Net's prediction folder (<case>.nii.gz); with --check-only, the submission folder")
+                        help="nnU-Net's prediction folder (<case>.nii.gz); with --check-only, the submission")
     parser.add_argument("out", metavar="OUT", nargs="?", default=None,
-                        help="folder to write the submission into (not with --check-only)")
-    parser.add_argument("--images", metavar="TEST_IMAGES_DIR", default=None,
-                        help="the test images (nnU-Net imagesTs with <case>_0000.nii.gz, or the release's test "
-                             "layout): checks that every case is there and on the image's grid. Recommended")
+                        help="where to write the submission (a folder, or a .zip where the challenge takes one); "
+                             "not with --check-only")
+    parser.add_argument("--images", metavar="IMAGES_DIR", default=None,
+                        help="the images predicted (nnU-Net's imagesVa/imagesTs with <case>_0000.nii.gz, or the "
+                             "release's folder): checks that every case of the task is there, no other, each on its "
+                             "image's grid. Required for a zip")
     parser.add_argument("--check-only", action="store_true",
-                        help="only validate the folder PRED_DIR as a submission; write nothing")
+                        help="only validate PRED_DIR as a submission (folder or zip); write nothing")
+    if tasks:
+        parser.add_argument("--task", choices=tasks, required=True, help="the challenge's task")
+    parser.add_argument("--phase", choices=phases, default=phases[0],
+                        help=f"the leaderboard phase (default {phases[0]})")
     parser.set_defaults(run=run)
 
 
 def add_parser(subparsers) -> None:
+    from nnunet_ext.challenges import registry
+
     parser = subparsers.add_parser(
-        "submit", help="nnU-Net predictions -> challenge submission files (KiTS21, AMOS22, SegRap2023), validated",
+        "submit", help="nnU-Net predictions -> challenge submission (" + ", ".join(
+            e.title for e in registry.CHALLENGES) + "), validated",
         description="Writes each prediction in the challenge's naming, label values, data type and file format, then "
-                    "validates the folder (missing cases, grid, label values, dtype). KiTS21: case_XXXXX.nii.gz uint8 "
-                    "0-3. AMOS22: amos_XXXX.nii.gz uint8 0-15. SegRap2023: segrap_XXXX.mha, a 4D uint8 stack of "
-                    "binary masks (45 OARs or GTVp, GTVnd) as the challenge's containers wrote them.")
+                    "validates the submission (missing or extra cases, grid, label values, dtype). KiTS21 (local): "
+                    "case_XXXXX.nii.gz uint8 0-3, the folder the organisers' evaluation reads. AMOS22 (validation, "
+                    "test): one zip with results/amos_XXXX.nii.gz uint8 0-15, one per image of the task. SegRap2023 "
+                    "(local): segrap_XXXX.mha, a 4D uint8 stack of binary masks (45 OARs or GTVp, GTVnd) as the "
+                    "challenge's containers write them. Leaderboards that run containers: nnunet-ext container.")
     challenges = parser.add_subparsers(dest="challenge", metavar="CHALLENGE", required=True)
-    for name, text in (("kits21", "KiTS21"), ("amos22", "AMOS22")):
-        _arguments(challenges.add_parser(name, help=f"{text} submission"))
-    segrap = challenges.add_parser("segrap2023", help="SegRap2023 submission (per task)")
-    _arguments(segrap)
-    segrap.add_argument("--task", choices=("oar", "gtv"), required=True, help="oar (task 1) or gtv (task 2)")
+    for entry in registry.CHALLENGES:
+        _arguments(challenges.add_parser(entry.name, help=f"{entry.title} submission"), entry.tasks, entry.phases)
 
 
 def run(args: argparse.Namespace) -> int:
-    from nnunet_ext.challenges.submission import export_submission, submission_format, validate_submission
+    from nnunet_ext.challenges import registry
+    from nnunet_ext.challenges.submission import export_submission, validate_submission
 
-    fmt = submission_format(args.challenge, getattr(args, "task", None))
+    fmt = registry.submission_format(args.challenge, getattr(args, "task", None), args.phase)
     if args.check_only:
         if args.out is not None:
-            raise UserFacingError("--check-only validates one folder; give only the submission folder (and --images).")
+            raise UserFacingError("--check-only validates one submission; give only it (and --images).")
         report = validate_submission(fmt, args.folder, args.images)
     else:
         if args.out is None:
-            raise UserFacingError("give PRED_DIR and OUT (or --check-only SUBMISSION to validate a folder).")
+            raise UserFacingError("give PRED_DIR and OUT (or --check-only SUBMISSION to validate one).")
         try:
             report = export_submission(fmt, args.folder, args.out, args.images)
-        except OSError as error:  # unwritable OUT, full disk: the staged folder was discarded
+        except OSError as error:  # unwritable OUT, full disk: the staged files were discarded
             raise UserFacingError(f"could not write the submission: {error.strerror or error} "
                                   f"({error.filename or args.out}); OUT was left as it was. Free space or fix the "
                                   f"permissions and run again.") from None

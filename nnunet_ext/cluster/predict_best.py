@@ -37,9 +37,11 @@ def inference_commands(info: dict, input_folder: str, output_folder: str, result
         trainer, configuration, plans = member["trainer"], member["configuration"], member["plans_identifier"]
         target = parts / f"model_{index}_{trainer}__{plans}__{configuration}"
 
+        # called only within this iteration, so the loop variables it reads are this member's
         def predict(config: str, out: Path, previous: Path | None = None, probabilities: bool = False) -> list[str]:
             command = ["nnUNetv2_predict", "-d", dataset, "-i", input_folder, "-o", str(out), "-f", *folds,
-                       "-tr", trainer, "-c", config, "-p", plans, "-device", device, "--disable_progress_bar"]
+                       "-tr", trainer, "-c", config, "-p", plans,  # noqa: B023
+                       "-device", device, "--disable_progress_bar"]
             if previous is not None:
                 command += ["-prev_stage_predictions", str(previous)]
             return command + (["--save_probabilities"] if probabilities else [])

@@ -19,12 +19,13 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Collection, Mapping
 
+from nnunet_ext.challenges.registry import names as challenge_names
 from nnunet_ext.cluster.quoting import check_sbatch_name, check_text, show
 from nnunet_ext.errors import UserFacingError
 
 CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")
 CASCADE = "3d_cascade_fullres"
-CHALLENGES = ("kits21", "amos22", "segrap2023")
+CHALLENGES = tuple(challenge_names())  # the challenge registry: nnunet_ext/challenges/registry.py
 DEVICES = ("cuda", "cpu")
 _TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")  # SLURM: MM, MM:SS, HH:MM:SS, D-HH[:MM[:SS]]
 _MEM = re.compile(r"^\d+[KMGT]?$")
@@ -183,7 +184,7 @@ def build_spec(values: Mapping[str, Any], source: str | None = None, flags: Coll
         raise UserFacingError(f"unknown key {key!r}{' in ' + source if source else ''}.{hint} Known keys: "
                               f"{', '.join(KEYS)} (see the docs, reference/slurm-plan).")
     if values.get("dataset") in (None, ""):
-        raise UserFacingError(f"the dataset is missing: give -d ID (or \"dataset\": 17 in the plan file).")
+        raise UserFacingError("the dataset is missing: give -d ID (or \"dataset\": 17 in the plan file).")
     where = _locator(source, flags)
     clean: dict[str, Any] = {}
     for key, value in values.items():
@@ -291,6 +292,11 @@ def _check(spec: JobSpec, where: Where) -> None:
             fail("submit_output", "give the folder to write the submission into.")
         if spec.submit_challenge == "segrap2023" and spec.submit_task not in ("oar", "gtv"):
             fail("submit_task", "segrap2023 needs \"submit_task\": \"oar\" or \"gtv\".")
+        if spec.submit_challenge == "amos22":
+            if spec.submit_task not in ("1", "2"):
+                fail("submit_task", "amos22 needs \"submit_task\": \"1\" or \"2\" (the challenge's task).")
+            if not str(spec.submit_output).endswith(".zip"):
+                fail("submit_output", "AMOS22 takes one zip (results/amos_XXXX.nii.gz): give a path ending in .zip.")
     elif spec.submit_output is not None or spec.submit_task is not None:
         fail("submit_challenge", "submit_output/submit_task need submit_challenge (kits21, amos22, segrap2023).")
     for key in ("time_preprocess", "time_train", "time_find_best", "time_predict", "time_submit"):

@@ -1,7 +1,7 @@
 """Synthetic datasets for nnU-Net v2 and the demo's overlay figure.
 
-Kept light on purpose: importing this package pulls in numpy, scipy and SimpleITK only
-(no torch, no nnunetv2); matplotlib is imported lazily when a figure is drawn.
+Kept light on purpose: importing this package pulls in numpy and scipy only (no torch, no
+nnunetv2); SimpleITK is imported when files are written, matplotlib when a figure is drawn.
 """
 
 from nnunet_ext.datasets.figures import save_overlay_figure

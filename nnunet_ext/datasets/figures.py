@@ -17,7 +17,7 @@ import numpy as np
 
 from nnunet_ext import atomic_io
 
-__all__ = ["save_overlay_figure", "select_slices"]
+__all__ = ["save_overlay_figure", "save_prediction_figure", "select_slices"]
 
 _REQUIRED_KEYS = ("name", "image", "reference", "prediction", "dice")
 _OVERLAY_ALPHA = 0.45
@@ -61,7 +61,11 @@ def _class_colours(class_values: Sequence[int]) -> dict[int, tuple[float, float,
 
     cmap = colormaps["tab10"] if max(class_values, default=0) <= 10 else colormaps["tab20"]
     n = cmap.N
-    return {v: tuple(cmap((v - 1) % n)[:3]) for v in class_values}
+    colours = {}
+    for v in class_values:
+        red, green, blue = cmap((v - 1) % n)[:3]
+        colours[v] = (red, green, blue)
+    return colours
 
 
 def _overlay_rgba(seg: np.ndarray, colours: Mapping[int, tuple[float, float, float]]) -> np.ndarray:
@@ -169,3 +173,31 @@ def save_overlay_figure(cases: list[dict], out_png: str | os.PathLike, class_nam
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_io.write_with(out, lambda temporary: fig.savefig(temporary, format="png", dpi=100))
     return out
+
+
+def save_prediction_figure(raw: str | os.PathLike, predictions: str | os.PathLike, dataset_json: Mapping[str, Any],
+                           out_png: str | os.PathLike, summary: Mapping[str, Any]) -> pathlib.Path:
+    """:func:`save_overlay_figure` of every prediction in ``predictions`` of the raw dataset ``raw``'s test
+    cases (channel 0 of imagesTs, reference labelsTs), with the Dice of nnU-Net's ``summary`` (its
+    summary.json content). Files are read with the dataset's reader/writer (:mod:`nnunet_ext.image_io`)."""
+    from nnunet_ext import image_io
+
+    raw, predictions = pathlib.Path(raw), pathlib.Path(predictions)
+    ending = dataset_json["file_ending"]
+    class_names = {value: name for name, value in dataset_json["labels"].items() if value != 0}
+    per_case = {pathlib.Path(case["prediction_file"]).name: case["metrics"] for case in summary["metric_per_case"]}
+    files = sorted(predictions.glob(f"*{ending}"))
+    rw = image_io.reader_writer(dataset_json, files[0]) if files else None
+    cases = []
+    for prediction_file in files:
+        case_id = prediction_file.name[: -len(ending)]
+        metrics = per_case.get(prediction_file.name, {})
+        image, _ = image_io.read_images([raw / "imagesTs" / f"{case_id}_0000{ending}"], rw)
+        cases.append({
+            "name": case_id,
+            "image": image[0],
+            "reference": image_io.read_segmentation(raw / "labelsTs" / f"{case_id}{ending}", rw)[0],
+            "prediction": image_io.read_segmentation(prediction_file, rw)[0],
+            "dice": {class_names[int(k)]: float(v["Dice"]) for k, v in metrics.items() if int(k) in class_names},
+        })
+    return save_overlay_figure(cases, out_png, class_names)

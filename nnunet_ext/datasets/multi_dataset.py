@@ -21,8 +21,8 @@ listed order, so the same organ has different values in different sources (kidne
 SynthLiverKidney and 1 in SynthKidneySpleen), as in real collections.
 
 Each dataset uses its own seed (``spec.seed + its position``): different patients. The writer
-reuses synthetic.py's case writer and its conventions (staged, atomic write; idempotent re-runs;
-the spec plus the exported labels stored in dataset.json).
+reuses synthetic.py's case writer and its conventions (:mod:`nnunet_ext.raw_dataset`: staged, atomic
+write; idempotent re-runs; the spec plus the exported labels stored in dataset.json).
 """
 from __future__ import annotations
 
@@ -33,16 +33,15 @@ import pathlib
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from nnunet_ext import atomic_io
+from nnunet_ext import raw_dataset
 from nnunet_ext.datasets.synthetic import (
     METADATA_KEY,
+    SUBFOLDERS,
     SyntheticSpec,
-    _conflicting_ids,
     _dataset_json,
     _expected_files,
     _metadata,
-    _write_case,
-    _write_new_folder,
+    _write_cases,
     dataset_folder_name,
 )
 
@@ -112,25 +111,19 @@ def write_partially_labelled_dataset(raw_root: str | os.PathLike, dataset_id: in
             raise FileExistsError(f"{folder} already exists and was not written by this generator with the same "
                                   f"spec and labels; it was left untouched. Choose another dataset_id/name or "
                                   f"remove the folder yourself.")
-    conflicts = _conflicting_ids(raw_root, dataset_id, folder.name)
+    conflicts = raw_dataset.other_folders_with_id(raw_root, dataset_id, folder.name)
     if conflicts:
         raise FileExistsError(f"{raw_root} already holds {conflicts} with dataset id {dataset_id}; choose another "
                               f"dataset_id.")
 
-    def fill(staging: pathlib.Path) -> None:
-        for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
-            (staging / sub).mkdir(parents=True)
-        for index in range(spec.num_training + spec.num_test):
-            split = ("imagesTr", "labelsTr") if index < spec.num_training else ("imagesTs", "labelsTs")
-            _write_case(staging, spec, index, *split, label_names=labels)
-        dataset_json = _dataset_json(spec, name)
-        dataset_json["description"] = (f"Synthetic abdominal CT-like volumes (nnunet_ext, deterministic); all "
-                                       f"structures drawn, only {list(labels)} annotated.")
-        dataset_json["labels"] = {"background": 0, **{n: i for i, n in enumerate(labels, start=1)}}
-        dataset_json[METADATA_KEY] = metadata
-        atomic_io.write_json(staging / "dataset.json", dataset_json)
-
-    _write_new_folder(folder, fill)
+    dataset_json = _dataset_json(spec, name)
+    dataset_json["description"] = (f"Synthetic abdominal CT-like volumes (nnunet_ext, deterministic); all "
+                                   f"structures drawn, only {list(labels)} annotated.")
+    dataset_json["labels"] = {"background": 0, **{n: i for i, n in enumerate(labels, start=1)}}
+    dataset_json[METADATA_KEY] = metadata
+    with raw_dataset.new_dataset_folder(folder, SUBFOLDERS) as staging:
+        _write_cases(staging, spec, labels)
+        raw_dataset.write_dataset_json(staging, dataset_json)
     return folder
 
 

@@ -24,15 +24,14 @@ import json
 import operator
 import os
 import pathlib
-import re
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
-import SimpleITK as sitk
 from scipy import ndimage
 
-from nnunet_ext import atomic_io
+from nnunet_ext import raw_dataset
+from nnunet_ext.parallel import progress
 
 __all__ = [
     "ORGANS",
@@ -54,6 +53,8 @@ METADATA_KEY = "nnunet_ext_synthetic"
 #: Bump whenever the generated data changes for the same spec, so stale folders are detected.
 GENERATOR_VERSION = 1
 FILE_ENDING = ".nii.gz"
+#: every synthetic dataset has test cases with labels (labelsTs), for the demo's evaluation
+SUBFOLDERS = ("imagesTr", "labelsTr", "imagesTs", "labelsTs")
 CASE_PREFIX = "synth"
 MIN_SHAPE = 16
 
@@ -267,7 +268,7 @@ def _jitter_blob(blob: _Blob, rng: np.random.Generator) -> tuple[_Blob, np.ndarr
 
 def _blob_mask(grid: _Grid, blob: _Blob, freqs: np.ndarray, phases: np.ndarray, amps: np.ndarray) -> np.ndarray:
     """Smoothly deformed, rotated ellipsoid; evaluated only inside its bounding box (speed)."""
-    mask = np.zeros(grid.shape, dtype=bool)
+    mask: np.ndarray = np.zeros(grid.shape, dtype=bool)
     reach = max(blob.semi_axes) * (1.0 + amps.sum())
     box = tuple(grid.index_range(d, blob.centre[d] - reach, blob.centre[d] + reach) for d in range(3))
     if any(s.stop <= s.start for s in box):
@@ -365,7 +366,7 @@ def _synthesize_structures(spec: SyntheticSpec, case_index: int) -> dict[str, np
         if organ not in spec.organs:
             continue
         rng = _rng(spec, case_index, _STREAM_ORGAN_BASE + organ_index)
-        mask = np.zeros(grid.shape, dtype=bool)
+        mask: np.ndarray = np.zeros(grid.shape, dtype=bool)
         for blob in _ORGAN_BLOBS[organ]:
             mask |= _blob_mask(grid, *_jitter_blob(blob, rng))
         mask = _carve(mask, occupied)
@@ -432,13 +433,15 @@ def _smooth_noise(grid: _Grid, rng: np.random.Generator, sigma_mm: float) -> np.
     return field / max(float(field.std()), 1e-6)
 
 
-def _textures(spec: SyntheticSpec, case_index: int, grid: _Grid, structures: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _textures(spec: SyntheticSpec, case_index: int, grid: _Grid,
+              structures: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Anatomical texture fields (shared by all channels, like real tissue structure)."""
     out = {}
     for tissue_index, (tissue, (std, corr_mm)) in enumerate(_TEXTURES.items()):
         key = "body" if tissue == "soft" else tissue
         if key in structures:
-            out[tissue] = std * _smooth_noise(grid, _rng(spec, case_index, _STREAM_TEXTURE_BASE + tissue_index), corr_mm)
+            rng = _rng(spec, case_index, _STREAM_TEXTURE_BASE + tissue_index)
+            out[tissue] = std * _smooth_noise(grid, rng, corr_mm)
     return out
 
 
@@ -448,7 +451,7 @@ def _bias_field(grid: _Grid, rng: np.random.Generator) -> np.ndarray:
     y = grid.axes[1][None, :, None]
     x = grid.axes[2][None, None, :]
     coeffs = rng.uniform(-_BIAS_AMPLITUDE, _BIAS_AMPLITUDE, 6)
-    terms = (z, y, x, 2 * y * x, 2 * y**2, 2 * x**2)
+    terms: tuple[np.ndarray, ...] = (z, y, x, 2 * y * x, 2 * y**2, 2 * x**2)
     return 1.0 + sum(c * t for c, t in zip(coeffs, terms))
 
 
@@ -457,7 +460,7 @@ def _render_channel(spec: SyntheticSpec, case_index: int, channel: int, grid: _G
     """HU image of one channel: paint tissues, blur (PSF), bias on attenuation, add noise."""
     rng = _rng(spec, case_index, _STREAM_CHANNEL_BASE + channel)
     means = _phase_means(channel)
-    image = np.full(grid.shape, _AIR_HU, dtype=np.float32)
+    image: np.ndarray = np.full(grid.shape, _AIR_HU, dtype=np.float32)
     for tissue, key in _PAINT_ORDER:
         if key not in structures:
             continue
@@ -509,17 +512,15 @@ def _render_image(spec: SyntheticSpec, case_index: int, structures: Mapping[str,
 
 
 # --------------------------------------------------------------------------------------
-# Writing nnU-Net v2 raw datasets
+# Writing nnU-Net v2 raw datasets (layout, dataset.json and staging: nnunet_ext.raw_dataset)
 # --------------------------------------------------------------------------------------
-
-_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
 
 
 def dataset_folder_name(dataset_id: int, name: str) -> str:
     """nnU-Net v2 raw folder name ``DatasetXXX_Name`` (validates id and name)."""
     _validate_dataset_id(dataset_id)
     _validate_name(name)
-    return f"Dataset{dataset_id:03d}_{name}"
+    return raw_dataset.folder_name(dataset_id, name)
 
 
 def case_identifier(case_index: int) -> str:
@@ -533,7 +534,7 @@ def _validate_dataset_id(dataset_id: int) -> None:
 
 
 def _validate_name(name: str) -> None:
-    if not isinstance(name, str) or not _NAME_PATTERN.match(name):
+    if not raw_dataset.is_valid_name(name):
         raise ValueError(f"name={name!r} must be non-empty and use only letters, digits, '_' or '-', "
                          f"e.g. 'SyntheticAbdomen'.")
 
@@ -555,57 +556,42 @@ def _dataset_json(spec: SyntheticSpec, name: str) -> dict[str, Any]:
     normalisation (others fall back to z-score), and every phase of a contrast CT is
     HU-calibrated.  The phase of each channel is recorded in the metadata instead.
     """
-    return {
-        "name": name,
-        "description": "Synthetic abdominal CT-like volumes generated by nnunet_ext (deterministic).",
-        "reference": "nnunet_ext.datasets.synthetic",
-        "licence": "CC0-1.0",
-        "channel_names": {str(c): "CT" for c in range(spec.num_channels)},
-        "labels": {"background": 0, **{n: i for i, n in enumerate(spec.label_names, start=1)}},
-        "numTraining": spec.num_training,
-        "file_ending": FILE_ENDING,
-        METADATA_KEY: _metadata(spec),
-    }
+    return raw_dataset.dataset_json(
+        {str(c): "CT" for c in range(spec.num_channels)},
+        {"background": 0, **{n: i for i, n in enumerate(spec.label_names, start=1)}},
+        spec.num_training, FILE_ENDING, name=name,
+        description="Synthetic abdominal CT-like volumes generated by nnunet_ext (deterministic).",
+        reference="nnunet_ext.datasets.synthetic", licence="CC0-1.0", extra={METADATA_KEY: _metadata(spec)})
+
+
+def _split(spec: SyntheticSpec, case_index: int) -> str:
+    """"Tr" for training cases, "Ts" for test cases (which also get labels, in labelsTs)."""
+    return "Tr" if case_index < spec.num_training else "Ts"
 
 
 def _expected_files(spec: SyntheticSpec) -> list[str]:
     """Relative paths of every file the generator writes (used for completeness checks)."""
-    files = ["dataset.json"]
+    files = [raw_dataset.DATASET_JSON]
     for index in range(spec.num_training + spec.num_test):
-        images, labels = ("imagesTr", "labelsTr") if index < spec.num_training else ("imagesTs", "labelsTs")
-        case = case_identifier(index)
-        files += [f"{images}/{case}_{c:04d}{FILE_ENDING}" for c in range(spec.num_channels)]
-        files.append(f"{labels}/{case}{FILE_ENDING}")
+        split, case = _split(spec, index), case_identifier(index)
+        files += [raw_dataset.image_file("", case, c, FILE_ENDING, split).as_posix() for c in range(spec.num_channels)]
+        files.append(raw_dataset.label_file("", case, FILE_ENDING, split).as_posix())
     return files
 
 
-def _write_volume(array: np.ndarray, spacing_zyx: Sequence[float], path: pathlib.Path) -> None:
-    """Write a (Z, Y, X) array atomically; SimpleITK wants spacing as (x, y, z), hence the reversal."""
-    image = sitk.GetImageFromArray(array)
-    image.SetSpacing(tuple(float(s) for s in reversed(spacing_zyx)))
-    atomic_io.write_with(path, lambda temporary: sitk.WriteImage(image, str(temporary), True))
-
-
-def _write_new_folder(folder: pathlib.Path, fill: Callable[[pathlib.Path], None]) -> None:
-    """Build ``folder`` with ``fill`` in a private staging folder beside it and move it into place at the
-    end (an interrupted run leaves nothing). An empty ``folder`` that exists already is replaced;
-    the callers refuse non-empty ones before calling this. Staging folders of killed runs are removed."""
-    atomic_io.remove_stale_temporaries(folder.parent)
-    with atomic_io.staged_folder(folder) as staging:
-        fill(staging)
-        if folder.is_dir():
-            folder.rmdir()  # only reached when it is empty (checked by the caller); fails safely otherwise
-
-
-def _write_case(folder: pathlib.Path, spec: SyntheticSpec, case_index: int, images_dir: str, labels_dir: str,
-                label_names: Sequence[str]) -> None:
+def _write_case(folder: pathlib.Path, spec: SyntheticSpec, case_index: int, label_names: Sequence[str]) -> None:
     """Synthesize one case and write its channel files and label file."""
     structures = _synthesize_structures(spec, case_index)
     image = _render_image(spec, case_index, structures)
-    case = case_identifier(case_index)
-    for c, channel in enumerate(image):
-        _write_volume(channel, spec.spacing, folder / images_dir / f"{case}_{c:04d}{FILE_ENDING}")
-    _write_volume(_export_labels(structures, label_names), spec.spacing, folder / labels_dir / f"{case}{FILE_ENDING}")
+    raw_dataset.write_case_arrays(folder, case_identifier(case_index), list(image),
+                                  _export_labels(structures, label_names), spec.spacing, FILE_ENDING,
+                                  _split(spec, case_index))
+
+
+def _write_cases(folder: pathlib.Path, spec: SyntheticSpec, label_names: Sequence[str]) -> None:
+    """Every case of ``spec`` (training, then test), with a progress bar on a terminal."""
+    for index in progress(range(spec.num_training + spec.num_test), desc="synthetic cases"):
+        _write_case(folder, spec, index, label_names)
 
 
 def _existing_matches(folder: pathlib.Path, spec: SyntheticSpec) -> bool:
@@ -619,21 +605,13 @@ def _existing_matches(folder: pathlib.Path, spec: SyntheticSpec) -> bool:
     return all((folder / f).is_file() for f in _expected_files(spec))
 
 
-def _conflicting_ids(raw_root: pathlib.Path, dataset_id: int, folder_name: str) -> list[str]:
-    """Other folders with the same id: nnU-Net resolves ids by prefix and would be ambiguous."""
-    if not raw_root.is_dir():
-        return []
-    prefix = f"Dataset{dataset_id:03d}_"
-    return sorted(p.name for p in raw_root.iterdir() if p.name.startswith(prefix) and p.name != folder_name)
-
-
 def write_synthetic_dataset(raw_root: str | os.PathLike, dataset_id: int, name: str = "SyntheticAbdomen",
                             spec: SyntheticSpec = SyntheticSpec()) -> pathlib.Path:
     """Write ``<raw_root>/DatasetXXX_Name`` (imagesTr/labelsTr/imagesTs/labelsTs/dataset.json).
 
     Safe to call repeatedly: an identical existing dataset is returned untouched; any
     other existing content raises FileExistsError and is never modified.  Data is written
-    to a private staging folder beside it and moved into place (:mod:`nnunet_ext.atomic_io`),
+    to a private staging folder beside it and moved into place (:mod:`nnunet_ext.raw_dataset`),
     so an interrupted run never leaves a half-written dataset that looks complete.
     """
     if not isinstance(spec, SyntheticSpec):
@@ -648,21 +626,12 @@ def write_synthetic_dataset(raw_root: str | os.PathLike, dataset_id: int, name: 
             raise FileExistsError(
                 f"{folder} already exists and was not written by this generator with the same spec; "
                 f"it was left untouched. Choose another dataset_id/name or remove the folder yourself.")
-    conflicts = _conflicting_ids(raw_root, dataset_id, folder.name)
+    conflicts = raw_dataset.other_folders_with_id(raw_root, dataset_id, folder.name)
     if conflicts:
         raise FileExistsError(
             f"{raw_root} already holds {conflicts} with dataset id {dataset_id}; nnU-Net could not tell them "
             f"apart from {folder.name}. Choose another dataset_id.")
-    _write_new_folder(folder, lambda staging: _write_dataset_into(staging, spec, name))
+    with raw_dataset.new_dataset_folder(folder, SUBFOLDERS) as staging:
+        _write_cases(staging, spec, spec.label_names)
+        raw_dataset.write_dataset_json(staging, _dataset_json(spec, name))
     return folder
-
-
-def _write_dataset_into(folder: pathlib.Path, spec: SyntheticSpec, name: str) -> None:
-    """Write all cases and dataset.json into a fresh folder."""
-    for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
-        (folder / sub).mkdir(parents=True)
-    for index in range(spec.num_training + spec.num_test):
-        split = ("imagesTr", "labelsTr") if index < spec.num_training else ("imagesTs", "labelsTs")
-        _write_case(folder, spec, index, *split, label_names=spec.label_names)
-    atomic_io.write_json(folder / "dataset.json", _dataset_json(spec, name))
-

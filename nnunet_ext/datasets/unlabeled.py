@@ -8,7 +8,7 @@ generator and thrown away; nothing of them is written. Named ``synth_u000_0000.n
 
 Same safety rules as ``write_synthetic_dataset``: a complete folder written with the same spec and
 count is left as is, anything else already there is refused and never modified, and the folder is
-built in a private staging folder and moved into place (:mod:`nnunet_ext.atomic_io`).
+built in a private staging folder and moved into place (:func:`nnunet_ext.raw_dataset.new_dataset_folder`).
 """
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ import json
 import os
 import pathlib
 
-from nnunet_ext import atomic_io
-from nnunet_ext.datasets.synthetic import (CASE_PREFIX, FILE_ENDING, SyntheticSpec, _write_new_folder, _write_volume,
-                                           dataset_folder_name, make_case, write_synthetic_dataset)
+from nnunet_ext import atomic_io, image_io, raw_dataset
+from nnunet_ext.datasets.synthetic import (CASE_PREFIX, FILE_ENDING, SyntheticSpec, dataset_folder_name, make_case,
+                                           write_synthetic_dataset)
+from nnunet_ext.parallel import progress
 from nnunet_ext.unlabeled.convention import UNLABELED_IMAGES_FOLDER
 
 __all__ = ["unlabeled_case_identifier", "write_unlabeled_images", "write_semi_supervised_dataset"]
@@ -61,15 +62,14 @@ def write_unlabeled_images(raw_root: str | os.PathLike, dataset_id: int, name: s
             raise FileExistsError(f"{folder} already exists and was not written by this generator with the same spec "
                                   f"and count; it was left untouched. Remove it yourself or use another dataset.")
 
-    def fill(staging: pathlib.Path) -> None:
-        first = spec.num_training + spec.num_test  # new anatomy: indices no labelled/test case uses
-        for i in range(num_unlabeled):
+    first = spec.num_training + spec.num_test  # new anatomy: indices no labelled/test case uses
+    with raw_dataset.new_dataset_folder(folder) as staging:
+        for i in progress(range(num_unlabeled), desc="unlabelled cases"):
             image, _ = make_case(spec, first + i)
             for c, channel in enumerate(image):
-                _write_volume(channel, spec.spacing, staging / f"{unlabeled_case_identifier(i)}_{c:04d}{FILE_ENDING}")
+                image_io.write_volume(channel, staging / f"{unlabeled_case_identifier(i)}_{c:04d}{FILE_ENDING}",
+                                      spec.spacing)
         atomic_io.write_json(staging / MARKER, _marker(spec, num_unlabeled))
-
-    _write_new_folder(folder, fill)
     return folder
 
 

@@ -10,14 +10,19 @@ controller and the dynamic head; universal nnU-Net: only the class mask) on its 
   requested task for one window, stacked along the channels, from the network's ``forward_tasks``:
   per task, the merged classes it annotates (background first), each exactly what
   ``set_task(t); network(x)`` returns for it (the masked classes are left out: never chosen);
-* :func:`nnunet_ext.compat.predict_stacked_outputs` runs nnU-Net's predictor with it (preprocessing,
-  sliding window, Gaussian weighting, mirroring, fold average) and exports each task's block with
-  nnU-Net's export (resampling, argmax, writer);
-* each task's map is then written as a single-task run writes it (:mod:`nnunet_ext.tasks.predict`:
-  the task's own label values and ``dataset.json``) to ``OUT/<task name>/``.
+* :func:`nnunet_ext.compat.predict_stacked_cases` runs nnU-Net's predictor with it (preprocessing,
+  sliding window, Gaussian weighting, mirroring, fold average) and nnU-Net's export steps per block
+  (resampling, softmax, argmax, uncropping) in its export processes, where :class:`CaseWriter` writes
+  each task's files as a single-task run writes them (:class:`nnunet_ext.tasks.predict.TaskWriter`: the
+  task's own label values, its probabilities with ``--save_probabilities``) to ``OUT/<task name>/``.
 
-The outputs therefore equal the single-task runs': the per-task logits are computed by the same
-operations on the same shared tensors, so the label maps are identical (tests compare the files).
+A single-task run (:func:`nnunet_ext.tasks.predict.predict_task`) is this route with one block
+(:func:`run_prediction`), so every option works the same for one task, a list or all, and each
+``OUT/<task>/`` holds what ``--task <task> -o OUT/<task>`` writes: the same label maps and
+probabilities (byte for byte), ``dataset.json`` and ``plans.json``; only the recorded arguments
+(``predict_from_raw_data_args.json``) name another folder. The per-task logits are computed by the
+same operations on the same shared tensors as ``set_task(t); network(x)`` (tests compare them with
+nnU-Net's own route for one task).
 
 ``--combine`` adds ``OUT/combined/``: one map in the merged label space (values and names of the
 merged dataset's ``labels``) over the requested tasks. Overlap rule: **the first task in the
@@ -25,25 +30,26 @@ merged dataset's ``labels``) over the requested tasks. Overlap rule: **the first
 order); background only where every task says background. List a tumour task before its organ's
 task to keep tumours that lie inside the organ.
 
-Checks and the write path are the single-task run's: everything checked before anything is written
-(input cases against every requested task's channel count; an output folder that is new, empty, or
-an earlier prediction of this command with one subfolder per task), a new output folder built in a
-staging folder and moved into place, an earlier one's files replaced one by one atomically, one run
-at a time per output folder.
+Checks and the write path are the single-task run's (:mod:`nnunet_ext.tasks.predict`): everything
+checked before anything is written (input cases against every requested task's channel count; an
+output folder that is new, empty, or an earlier prediction of this command with one subfolder per
+task); a new output folder appears with every subfolder's dataset.json, plans.json and arguments at
+once, and each case's files are written (atomically) as soon as it is done.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from nnunet_ext import atomic_io, compat
+from nnunet_ext import atomic_io, compat, image_checks
 from nnunet_ext.errors import UserFacingError
 from nnunet_ext.tasks import predict as single
 from nnunet_ext.tasks.label_space import IGNORE
@@ -245,21 +251,6 @@ def combine_segmentations(segmentations: Sequence[np.ndarray]) -> np.ndarray:
     return combined
 
 
-def write_combined(luts: Sequence[np.ndarray], block_folders: Sequence[Path], target: Path, cases: Sequence[str],
-                   file_ending: str) -> None:
-    """Per case, the tasks' label maps (class indices of their blocks, in priority order) -> merged values
-    (``luts``) -> :func:`combine_segmentations`, with their geometry, written atomically."""
-    import SimpleITK as sitk
-
-    for case in cases:
-        images = [sitk.ReadImage(str(folder / f"{case}{file_ending}")) for folder in block_folders]
-        values = combine_segmentations([lut[sitk.GetArrayFromImage(image)] for lut, image in zip(luts, images)])
-        exported = sitk.GetImageFromArray(values.astype(np.uint8 if values.max(initial=0) < 256 else np.uint16))
-        exported.CopyInformation(images[0])
-        atomic_io.write_with(target / f"{case}{file_ending}",
-                             lambda temporary: sitk.WriteImage(exported, str(temporary), True))
-
-
 def combined_dataset_json(task_map: TaskMap, task_names: Sequence[str], dataset_json: dict,
                           model_folder: Path) -> dict:
     values = {0} | {v for name in task_names for v in task_map.task(name).annotated_values}
@@ -270,71 +261,170 @@ def combined_dataset_json(task_map: TaskMap, task_names: Sequence[str], dataset_
                                 "model": os.fspath(model_folder)}}
 
 
-def predict_tasks(model_folder: str | os.PathLike, input_folder: str | os.PathLike,
-                  output_folder: str | os.PathLike, tasks: Sequence[str] = (ALL,), combine: bool = False,
-                  folds: Sequence[int | str] | None = None, checkpoint: str = single.DEFAULT_CHECKPOINT,
-                  step_size: float = 0.5, use_mirroring: bool = True, device=None,
-                  num_processes_preprocessing: int = 3, num_processes_export: int = 3) -> tuple[list[str], list[str]]:
-    """Predict every case in ``input_folder`` as each of ``tasks`` (``["all"]``: every task) into
-    ``output_folder/<task>/`` (plus ``output_folder/combined/`` with ``combine``); returns (the task names
-    predicted, the case ids written). Options as :func:`nnunet_ext.tasks.predict.predict_task`."""
-    model_folder, input_folder, output_folder = Path(model_folder), Path(input_folder), Path(output_folder)
-    dataset_json = single.read_model_dataset_json(model_folder)
+@dataclass(frozen=True)
+class CaseWriter:
+    """Writes one predicted case: each task's files (a :class:`~nnunet_ext.tasks.predict.TaskWriter` per
+    block, in block order) and, with ``combined``, :func:`combine_segmentations` of the tasks' maps in
+    merged values (``merged[b]``: block ``b``'s class index -> merged value) into that folder, last.
+    Picklable: nnU-Net's export processes call it (:func:`nnunet_ext.compat.predict_stacked_cases`)."""
+
+    tasks: tuple[single.TaskWriter, ...]
+    merged: tuple[np.ndarray, ...]
+    combined: Path | None
+
+    def __call__(self, case_id: str, blocks: Sequence[tuple], properties: dict, reader_writer) -> None:
+        for task, (segmentation, probabilities) in zip(self.tasks, blocks):
+            task.write(case_id, segmentation, probabilities, properties, reader_writer)
+        if self.combined is not None:
+            values = combine_segmentations([lut[segmentation] for lut, (segmentation, _) in zip(self.merged, blocks)])
+            single.write_segmentation(values, self.combined / f"{case_id}{self.tasks[0].file_ending}", properties,
+                                      reader_writer)
+
+
+def case_outputs(folders: dict[str, Path], case_id: str, file_ending: str, save_probabilities: bool) -> list[Path]:
+    """Every file a finished case has in the output folders (``--continue_prediction`` skips a case that has
+    them all; as nnU-Net, with ``--save_probabilities`` also the ``.npz`` and ``.pkl``)."""
+    files = []
+    for name, folder in folders.items():
+        if save_probabilities and name != COMBINED:
+            files += [folder / f"{case_id}.npz", folder / f"{case_id}.pkl"]
+        files.append(folder / f"{case_id}{file_ending}")
+    return files
+
+
+def _load_task_map(dataset_json: dict, model_folder: Path, requested: Sequence[str], several: bool,
+                   combine: bool) -> tuple[TaskMap, list[str]]:
+    if not several:
+        task_map = TaskMap.from_dataset_json(dataset_json)
+        if requested[0] not in task_map:
+            raise UserFacingError(f"Unknown task {requested[0]!r}; this model's tasks are {list(task_map.names)}.")
+        return task_map, [requested[0]]
     try:
         task_map = TaskMap.from_dataset_json(dataset_json)
     except TaskMapError as error:
         raise UserFacingError(f"The model in {model_folder} was not trained on a merged multi-task dataset "
                               f"({error}); predict it with nnUNetv2_predict.") from None
-    task_names = resolve_tasks(task_map, tasks, combine)
-    folds = single.check_checkpoints(model_folder, folds, checkpoint)
+    return task_map, resolve_tasks(task_map, requested, combine)
+
+
+def _check_cases(cases: dict, input_folder: Path, task_map: TaskMap, task_names: list[str], dataset_json: dict,
+                 model_folder: Path, several: bool) -> None:
+    try:
+        single.check_input_cases(cases, input_folder, task_map, task_names, dataset_json,
+                                 single.model_spatial_dims(model_folder))
+    except UserFacingError as error:
+        if not several or "channels numbered from _0000" not in str(error):
+            raise
+        raise UserFacingError(f"{error} With several tasks every case must suit each of them: list the tasks its "
+                              f"channels fit with --task A,B.") from None
+
+
+def _set_up_output(output_folder: Path, folders: dict[str, Path], several: bool, task_map: TaskMap,
+                   task_names: list[str], combine: bool, metadata: dict[str, tuple[dict, dict]],
+                   model_folder: Path) -> None:
+    """Under the output's lock: check it again (another run may have written it), then write each
+    folder's dataset.json, plans.json and arguments; a new output folder appears with them at once."""
+    for folder in (output_folder.parent, *folders.values()):
+        atomic_io.remove_stale_temporaries(folder)
+    if several:
+        targets = _output_targets(output_folder, list(folders),
+                                  check_output_folder(output_folder, task_names, task_map, combine))
+    else:
+        targets = _single_target(output_folder, task_names[0])
+    with targets as target_of:
+        for name in folders:
+            dataset_json, arguments = metadata[name]
+            single.write_folder_metadata(target_of[name], dataset_json, model_folder, arguments)
+
+
+@contextlib.contextmanager
+def _single_target(output_folder: Path, task_name: str) -> Iterator[dict[str, Path]]:
+    earlier = single.check_output_folder(output_folder, task_name)
+    with single.output_target(output_folder, earlier) as target:
+        yield {task_name: target}
+
+
+def run_prediction(model_folder: str | os.PathLike, input_folder: str | os.PathLike,
+                   output_folder: str | os.PathLike, requested: Sequence[str], several: bool, combine: bool,
+                   options: single.PredictOptions) -> tuple[list[str], list[str], list[str]]:
+    """The one route of ``nnunet-ext predict --task``: the tasks in ``requested`` (``several``: into
+    ``OUT/<task>/``, else ``requested[0]`` into ``OUT``) predicted in one pass; returns (the task names,
+    the case ids predicted, the case ids ``--continue_prediction`` found done). Steps: see
+    :mod:`nnunet_ext.tasks.predict`."""
+    model_folder, input_folder, output_folder = Path(model_folder), Path(input_folder), Path(output_folder)
+    options.check()
+    dataset_json = single.read_model_dataset_json(model_folder)
+    task_map, task_names = _load_task_map(dataset_json, model_folder, requested, several, combine)
+    single.check_model_plans(model_folder)
+    folds = single.check_checkpoints(model_folder, options.folds, options.checkpoint)
     if not input_folder.is_dir():
         raise UserFacingError(f"Input folder {input_folder} does not exist.")
     if output_folder.resolve() == input_folder.resolve():
         raise UserFacingError("The output folder must differ from the input folder (inputs are never overwritten).")
     file_ending = dataset_json["file_ending"]
-    check_output_folder(output_folder, task_names, task_map, combine)
+    if several:
+        check_output_folder(output_folder, task_names, task_map, combine)
+        folders = {name: output_folder / name for name in task_names + ([COMBINED] if combine else [])}
+    else:
+        single.check_output_folder(output_folder, task_names[0])
+        folders = {task_names[0]: output_folder}
     cases = single.cases_in_folder(input_folder, file_ending)
-    try:
-        single.check_input_cases(cases, input_folder, task_map, task_names, dataset_json,
-                                 single.model_spatial_dims(model_folder))
-    except UserFacingError as error:
-        if "channels numbered from _0000" not in str(error):
-            raise
-        raise UserFacingError(f"{error} With several tasks every case must suit each of them: list the tasks its "
-                              f"channels fit with --task A,B.") from None
-    folder_names = task_names + ([COMBINED] if combine else [])
+    part = single.select_cases(list(cases), options.num_parts, options.part_id)
+    done = [case for case in part if options.continue_prediction and all(
+        path.is_file() for path in case_outputs(folders, case, file_ending, options.save_probabilities))]
+    todo = [case for case in part if case not in done]
+    _check_cases({case: cases[case] for case in todo}, input_folder, task_map, task_names, dataset_json,
+                 model_folder, several)
 
+    if todo:  # the model is loaded before anything is written: a model that takes no task is refused first
+        predictor = compat.nnunet_predictor(options.step_size, options.use_mirroring, options.device,
+                                            options.perform_everything_on_device, options.verbose, options.allow_tqdm)
+        predictor.initialize_from_trained_model_folder(os.fspath(model_folder), folds,
+                                                       checkpoint_name=options.checkpoint)
+        network = single.task_conditioned_network(predictor, model_folder)
+        if compat.previous_stage_name(predictor):
+            raise UserFacingError(f"The model in {model_folder} is a cascade stage (it needs the predictions of "
+                                  f"{compat.previous_stage_name(predictor)}); predict a universal model with its "
+                                  f"3d_fullres, 3d_lowres or 2d configuration.")
+        stacked = AllTasksNetwork(network, [task_map.task_id(name) for name in task_names],
+                                  annotated_only=compat.probabilities_resampled_by_interpolation(predictor))
+    what = {"tasks": task_names, "model": os.fspath(model_folder)}
+    metadata = {name: (single.output_dataset_json(task_map, name, file_ending, model_folder, dataset_json),
+                       single.prediction_arguments(input_folder, folder, options, {"task": name, **what}))
+                for name, folder in folders.items() if name != COMBINED}
+    if COMBINED in folders:
+        metadata[COMBINED] = (combined_dataset_json(task_map, task_names, dataset_json, model_folder),
+                              single.prediction_arguments(input_folder, folders[COMBINED], options,
+                                                          {"task": combined_key(task_names), **what}))
     with atomic_io.exclusive(output_folder, "nnunet-ext predict"):
-        for folder in (output_folder.parent, output_folder, *(output_folder / name for name in folder_names)):
-            atomic_io.remove_stale_temporaries(folder)
-        earlier = check_output_folder(output_folder, task_names, task_map, combine)  # again: another run may
-        with atomic_io.scratch_folder(output_folder) as scratch:                     # have written it
-            staging = scratch / "input"
-            staging.mkdir()
-            case_ids = single.prepare_padded_input(cases, staging, task_map, file_ending)
-            predictor = compat.predictor(step_size, use_mirroring, device)
-            predictor.initialize_from_trained_model_folder(os.fspath(model_folder), folds, checkpoint_name=checkpoint)
-            network = single.task_conditioned_network(predictor, model_folder)
-            stacked = AllTasksNetwork(network, [task_map.task_id(name) for name in task_names],
-                                      annotated_only=compat.probabilities_resampled_by_interpolation(predictor))
-            blocks = {name: scratch / "blocks" / name for name in task_names}  # label maps of block class indices
-            for folder in blocks.values():
-                folder.mkdir(parents=True)
-            inputs = [[staging / f"{case}_{c:04d}{file_ending}" for c in range(task_map.max_channels)]
-                      for case in case_ids]
-            outputs = [[blocks[name] / case for name in task_names] for case in case_ids]
-            compat.predict_stacked_outputs(predictor, stacked, stacked.block_channels, inputs, outputs,
-                                           num_processes_preprocessing, num_processes_export)
-            merged_luts = [np.array(classes) for classes in stacked.classes]  # block index -> merged value
-            with _output_targets(output_folder, folder_names, earlier) as targets:
-                for name, merged_lut in zip(task_names, merged_luts):
-                    single.relabel(task_map.to_source_lut(name)[merged_lut], blocks[name], targets[name], case_ids,
-                                   file_ending)
-                    atomic_io.write_json(targets[name] / "dataset.json",
-                                         single.output_dataset_json(task_map, name, file_ending, model_folder))
-                if combine:
-                    write_combined(merged_luts, [blocks[name] for name in task_names], targets[COMBINED], case_ids,
-                                   file_ending)
-                    atomic_io.write_json(targets[COMBINED] / "dataset.json",
-                                         combined_dataset_json(task_map, task_names, dataset_json, model_folder))
-    return task_names, case_ids
+        _set_up_output(output_folder, folders, several, task_map, task_names, combine, metadata, model_folder)
+    if not todo:
+        return task_names, [], done
+
+    writer = CaseWriter(tuple(single.TaskWriter.for_task(task_map, name, classes, folders[name], file_ending)
+                              for name, classes in zip(task_names, stacked.classes)),
+                        tuple(np.asarray(classes, dtype=np.int64) for classes in stacked.classes),
+                        folders.get(COMBINED))
+    with atomic_io.scratch_folder(output_folder) as scratch:
+        staging = scratch / "input"
+        staging.mkdir()
+        reader_writer = image_checks.reader_for(dataset_json, next(iter(cases[todo[0]].values())))
+        single.prepare_padded_input({case: cases[case] for case in todo}, staging, task_map, file_ending,
+                                    reader_writer)
+        inputs = [[staging / f"{case}_{c:04d}{file_ending}" for c in range(task_map.max_channels)] for case in todo]
+        compat.predict_stacked_cases(predictor, stacked, stacked.block_channels, inputs, todo, writer,
+                                     options.save_probabilities, options.num_processes_preprocessing,
+                                     options.num_processes_export)
+    return task_names, todo, done
+
+
+def predict_tasks(model_folder: str | os.PathLike, input_folder: str | os.PathLike,
+                  output_folder: str | os.PathLike, tasks: Sequence[str] = (ALL,), combine: bool = False,
+                  **options: Any) -> tuple[list[str], list[str]]:
+    """Predict the cases in ``input_folder`` as each of ``tasks`` (``["all"]``: every task) into
+    ``output_folder/<task>/`` (plus ``output_folder/combined/`` with ``combine``); returns (the task names
+    predicted, the case ids predicted). ``options``: the fields of
+    :class:`~nnunet_ext.tasks.predict.PredictOptions`, as for :func:`nnunet_ext.tasks.predict.predict_task`."""
+    names, predicted, _ = run_prediction(model_folder, input_folder, output_folder, list(tasks), several=True,
+                                         combine=combine, options=single.PredictOptions(**options))
+    return names, predicted

@@ -85,10 +85,15 @@ class TaskConditioning(nn.Module):
                 f"writes labels in the task's own label values), or set {TASK_VARIABLE}=NAME for the stock "
                 f"nnUNetv2_predict (labels then stay in the merged label space).")
 
-    def mask_unannotated(self, logits: torch.Tensor) -> torch.Tensor:
-        """In eval mode: logits of classes the task does not annotate -> ``MASK_MARGIN`` below its lowest own one."""
+    def mask_unannotated(self, logits: torch.Tensor, task: torch.Tensor | None = None) -> torch.Tensor:
+        """In eval mode: logits of classes the task does not annotate -> ``MASK_MARGIN`` below its lowest own one.
+
+        ``task``: a long tensor, one task id for the batch (0-d) or one per sample (``(B,)``); None reads
+        the task set with :meth:`set_task`. A tensor, not a Python int, so a new task neither syncs the
+        GPU nor recompiles a compiled network."""
         if self.training:
             return logits
-        keep = self.annotated_classes[self.task_index].view(1, -1, *([1] * (logits.ndim - 2)))
+        keep = self.annotated_classes[(self.task_index if task is None else task).view(-1)]
+        keep = keep.view(keep.shape[0], -1, *([1] * (logits.ndim - 2)))
         kept_min = logits.masked_fill(~keep, float("inf")).amin(dim=1, keepdim=True)
         return torch.where(keep, logits, kept_min - MASK_MARGIN)

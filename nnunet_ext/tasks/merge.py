@@ -14,10 +14,13 @@ What the merged dataset holds:
   the same way (no labels).
 * Images: hard links to the source files by default (no extra disk space; falls back to a copy
   where the filesystem refuses a link), copies with ``copy=True``. Nothing ever writes to a raw
-  image, so linked files stay identical to the sources.
+  image, so linked files stay identical to the sources. Any format nnU-Net reads works (the
+  sources' reader/writer, e.g. SimpleITKIO for .nii.gz/.nrrd/.mha, NibabelIO, NaturalImage2DIO for
+  .png), except Tiff3DIO (its spacing files beside the images are not carried over).
 * Channels: the merged channel count is the largest of the sources'. A case with fewer
-  channels gets zero images for the missing ones, with its first channel's geometry and pixel
-  type; the network is told the task's real count through ``num_channels``. Merged channel i
+  channels gets zero images for the missing ones (:func:`nnunet_ext.image_io.write_zero_channel`,
+  the rule ``predict --task`` shares: channel 0's grid; for SimpleITK formats also its pixel
+  type); the network is told the task's real count through ``num_channels``. Merged channel i
   keeps its name if every task has channel i with that same name, unless the name is CT and
   some task is padded there (nnU-Net's CT normalisation uses global intensity statistics that
   zero images would distort); otherwise it is named ``zscore`` (nnU-Net's per-image z-score,
@@ -26,7 +29,9 @@ What the merged dataset holds:
 * Labels: always newly written, remapped voxel-wise into the merged label space
   (:mod:`nnunet_ext.tasks.label_space` has the policy: shared names, ``--no-share-labels``,
   regions refused, ignore label kept). Labels of structures a source does not annotate are 0
-  there; the task-aware loss must treat 0 as "background or not annotated" for that task.
+  there; the task-aware loss must treat 0 as "background or not annotated" for that task. They are
+  read and written with the sources' reader/writer (:mod:`nnunet_ext.image_io`), on the source
+  label's grid.
 
 Before anything is written, every image and label of every source is decoded in full with the
 reader nnU-Net uses for that source and checked against its siblings (truncated or corrupt files,
@@ -34,7 +39,9 @@ NaN/Inf intensities, a case of another dimensionality, channels or labels off th
 label values that are not whole numbers or not in the source's dataset.json); each refusal names
 the file, the problem and the fix.
 
-Writing goes through :mod:`nnunet_ext.atomic_io`: a fresh merge is built in a private staging
+Checks and writes run in ``num_processes`` worker processes (``-np``; the output is the same
+file for file as with one), with a progress bar on a terminal. Writing goes through
+:mod:`nnunet_ext.raw_dataset` and :mod:`nnunet_ext.atomic_io`: a fresh merge is built in a private staging
 folder beside the output and moved into place at the end, so an interrupted merge (Ctrl-C, kill)
 leaves no output (a killed run's staging folder is removed by the next merge). Concurrent merges
 to one output take turns on a lock (``.DatasetNNN_NAME.lock`` in nnUNet_raw): the second waits,
@@ -45,20 +52,22 @@ each file atomically; an output that exists with other content is refused, untou
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from nnunet_ext import atomic_io
+from nnunet_ext import atomic_io, image_io, raw_dataset
 from nnunet_ext.image_checks import verify_gzip_stream
+from nnunet_ext.parallel import Workers, progress
 from nnunet_ext.tasks.label_space import LabelSpace, SourceLabels, build_label_space
-from nnunet_ext.tasks.sources import MergeError, SourceDataset, check_source_files, find_dataset_folder, read_source
+from nnunet_ext.tasks.sources import (MergeError, SourceDataset, case_checks, check_case_files, dimensionality,
+                                      find_dataset_folder, read_source)
 from nnunet_ext.tasks.task_map import TASKS_KEY, TaskMap
 
 METADATA_KEY = "nnunet_ext_merge"
@@ -67,7 +76,8 @@ DEFAULT_NAME = "Merged"
 PAD_CHANNEL_NAME = "zscore"  # nnU-Net maps it to per-image z-score normalisation
 #: how long a second merge to the same output waits for the first before it is refused
 LOCK_TIMEOUT_S = 1800.0
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
+#: the zero-channel rule, shared with ``predict --task`` (re-exported here for its callers)
+write_zero_channel = image_io.write_zero_channel
 
 __all__ = ["MergeError", "MergeOptions", "MergePlan", "MergeResult", "check_sources", "merge_datasets",
            "merged_channel_names", "parse_rename_labels", "plan_merge", "write_zero_channel"]
@@ -108,6 +118,7 @@ class MergePlan:
     label_space: LabelSpace
     task_map: TaskMap
     sources: tuple[SourceDataset, ...] = ()
+    reader_writer: Any = None  # the sources' image reader/writer (nnU-Net's, see image_io)
 
 
 @dataclass
@@ -153,7 +164,7 @@ def _task_names(sources: Sequence[SourceDataset], given: Sequence[str] | None) -
         raise MergeError(f"--task-names gives {len(given)} name(s) for {len(sources)} dataset(s); give one per -d.")
     names = list(given) if given is not None else [s.short_name for s in sources]
     for name, source in zip(names, sources):
-        if not _NAME.match(name):
+        if not raw_dataset.is_valid_name(name):
             raise MergeError(f"task name {name!r} (of {source.name}) must use only letters, digits, '_' or '-'; "
                              f"choose names with --task-names.")
     duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -176,8 +187,7 @@ def _check_output(raw_root: Path, output_id: int, folder_name: str, source_ids: 
     if output_id in source_ids:
         raise MergeError(f"output id {output_id} is one of the source ids {list(source_ids)}; choose a new id "
                          f"with -o (sources are never overwritten).")
-    prefix = f"Dataset{output_id:03d}_"
-    taken = sorted(p.name for p in raw_root.iterdir() if p.name.startswith(prefix) and p.name != folder_name)
+    taken = raw_dataset.other_folders_with_id(raw_root, output_id, folder_name)
     if taken:
         raise MergeError(f"dataset id {output_id} is already taken by {taken} in {raw_root}; nnU-Net could not "
                          f"tell it apart from {folder_name}. Choose another id with -o.")
@@ -194,9 +204,9 @@ def plan_merge(raw_root: str | os.PathLike, source_ids: Sequence[int], output_id
         raise MergeError(f"dataset ids {source_ids} list a dataset twice; list each once.")
     if isinstance(output_id, bool) or not isinstance(output_id, int) or not 1 <= output_id <= 999:
         raise MergeError(f"output id {output_id!r} must be a whole number in 1..999.")
-    if not _NAME.match(name):
+    if not raw_dataset.is_valid_name(name):
         raise MergeError(f"--name {name!r} must use only letters, digits, '_' or '-', e.g. Universal.")
-    folder = raw_root / f"Dataset{output_id:03d}_{name}"
+    folder = raw_root / raw_dataset.folder_name(output_id, name)
     sources = [read_source(find_dataset_folder(raw_root, i)) for i in source_ids]
     _check_output(raw_root, output_id, folder.name, source_ids)
     ending = _check_same(sources, "file_ending", "file ending")
@@ -220,45 +230,47 @@ def plan_merge(raw_root: str | os.PathLike, source_ids: Sequence[int], output_id
             "labels": task_labels.labels, "to_source": {str(k): v for k, v in task_labels.to_source.items()},
             "source_labels": source.dataset_json["labels"],
         }
-        for split, cases, images in (("train", source.training, "imagesTr"), ("test", source.test, "imagesTs")):
+        for split, cases in (("train", source.training), ("test", source.test)):
+            short = "Tr" if split == "train" else "Ts"
             for case in cases:
                 merged_case = prefix + case
                 for c in range(channels):
-                    target = f"{images}/{merged_case}_{c:04d}{ending}"
+                    target = raw_dataset.image_file("", merged_case, c, ending, short).as_posix()
                     if c < source.num_channels:
                         jobs.append(_Job("image", source.image(split, case, c), target, task))
                     else:
                         jobs.append(_Job("pad", source.image(split, case, 0), target, task))
                 if split == "train":
-                    jobs.append(_Job("label", source.label(case), f"labelsTr/{merged_case}{ending}", task))
+                    jobs.append(_Job("label", source.label(case),
+                                     raw_dataset.label_file("", merged_case, ending).as_posix(), task))
 
-    dataset_json: dict[str, Any] = {
-        "name": name,
-        "description": f"Merged by nnunet-ext from {', '.join(s.name for s in sources)}; see 'tasks'.",
-        "channel_names": merged_channel_names([s.channel_names for s in sources]),
-        "labels": space.labels,
-        "numTraining": sum(len(s.training) for s in sources),
-        "file_ending": ending,
-    }
-    if reader is not None:
-        dataset_json["overwrite_image_reader_writer"] = reader
-    dataset_json[TASKS_KEY] = section
-    dataset_json[METADATA_KEY] = {
-        "tool": "nnunet_ext.tasks.merge", "format_version": MERGE_FORMAT_VERSION,
-        "sources": [s.fingerprint() for s in sources], "options": options.content_options(),
-    }
+    dataset_json = raw_dataset.dataset_json(
+        merged_channel_names([s.channel_names for s in sources]), space.labels,
+        sum(len(s.training) for s in sources), ending, name=name,
+        description=f"Merged by nnunet-ext from {', '.join(s.name for s in sources)}; see 'tasks'.",
+        overwrite_image_reader_writer=reader, extra={TASKS_KEY: section, METADATA_KEY: {
+            "tool": "nnunet_ext.tasks.merge", "format_version": MERGE_FORMAT_VERSION,
+            "sources": [s.fingerprint() for s in sources], "options": options.content_options()}})
     dataset_json = json.loads(json.dumps(dataset_json))  # exactly what a re-read gives (str keys, lists)
     return MergePlan(folder, dataset_json, tuple(jobs), space, TaskMap.from_dataset_json(dataset_json),
-                     tuple(sources))
+                     tuple(sources), sources[0].reader_writer())
 
 
 # --- checking the sources' files ------------------------------------------------------------------
 
 
-def check_sources(plan: MergePlan) -> None:
+def check_sources(plan: MergePlan, workers: Workers | None = None) -> None:
     """Decode every image and label of every source in full and check it against its siblings
-    (:func:`nnunet_ext.tasks.sources.check_source_files`); the sources must share one dimensionality."""
-    dims = {source.name: check_source_files(source) for source in plan.sources}
+    (:func:`nnunet_ext.tasks.sources.check_case_files`, in ``workers``' processes); the sources must share
+    one dimensionality. The first bad case in source and case order is the one refused."""
+    workers = workers or Workers(1)
+    checks = [(source, check) for source in plan.sources for check in case_checks(source)]
+    found: dict[str, list] = {source.name: [] for source in plan.sources}
+    # closing: the generator ends at once on an error or Ctrl-C (the workers stop with their with block)
+    with contextlib.closing(workers.imap(check_case_files, [check for _, check in checks])) as infos:
+        for (source, _), info in zip(checks, progress(infos, total=len(checks), desc="checking sources")):
+            found[source.name].append(info)
+    dims = {source.name: dimensionality(source, found[source.name]) for source in plan.sources}
     if len(set(dims.values())) > 1:
         described = ", ".join(f"{name} is {d}D" for name, d in dims.items())
         raise MergeError(f"the datasets have different dimensionality ({described}); nnU-Net trains one "
@@ -268,67 +280,36 @@ def check_sources(plan: MergePlan) -> None:
 # --- writing ------------------------------------------------------------------------------------
 
 
-def _place_image(source: Path, target: Path, copy: bool, result: MergeResult) -> None:
-    if not copy:
-        try:
-            os.link(source, target)  # atomic by itself: the name appears complete or not at all
-            result.linked += 1
-            return
-        except OSError:
-            pass  # other filesystem, or links not allowed: copy instead
-    atomic_io.write_with(target, lambda temporary: shutil.copyfile(source, temporary))
-    result.copied += 1
-
-
-def _write_image(image, target: Path) -> None:
-    import SimpleITK as sitk
-
-    atomic_io.write_with(target, lambda temporary: sitk.WriteImage(image, str(temporary), True))
-
-
-def write_zero_channel(reference: Path, target: Path) -> None:
-    """A zero image with the reference file's size, geometry and pixel type (header read only: the
-    reference has been decoded in full by the checks already), written atomically."""
-    import SimpleITK as sitk
-
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(reference))
-    reader.ReadImageInformation()
-    components = reader.GetNumberOfComponents()
-    size = list(reader.GetSize())
-    image = sitk.Image(size, reader.GetPixelID(), components) if components > 1 else \
-        sitk.Image(size, reader.GetPixelID())
-    image.SetSpacing(reader.GetSpacing())
-    image.SetOrigin(reader.GetOrigin())
-    image.SetDirection(reader.GetDirection())
-    _write_image(image, target)
-
-
-def _remap_label(source: Path, target: Path, lookup: Mapping[int, int], dataset: str) -> None:
-    """Rewrite a label map with merged values (the checks have refused values the source's dataset.json
-    lacks; the table check here only guards that invariant)."""
-    import SimpleITK as sitk
-
-    image = sitk.ReadImage(str(source))
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        raise MergeError(f"{source} is a multi-component image, not a label map; fix {dataset}.")
-    values = sitk.GetArrayViewFromImage(image).astype(np.int64)
-    table = np.full(max(lookup) + 1, -1, dtype=np.int64)
+def _remap_label(source: Path, target: Path, lookup: Mapping[int, int], dataset: str, rw: Any = None) -> None:
+    """Rewrite a label map with merged values, on its own grid, with the source's reader/writer (the checks
+    have refused values the source's dataset.json lacks; the table check here only guards that invariant)."""
+    table: np.ndarray = np.full(max(lookup) + 1, -1, dtype=np.int64)
     for source_value, merged_value in lookup.items():
         table[source_value] = merged_value
-    inside = (values >= 0) & (values < len(table))
-    merged = np.where(inside, table[np.clip(values, 0, len(table) - 1)], -1)
-    if np.any(merged < 0):
-        unexpected = np.unique(values[merged < 0]).tolist()
-        raise MergeError(f"{source} holds label value(s) {unexpected[:10]} that {dataset}/dataset.json does not "
-                         f"declare (declared: {sorted(lookup)}). Fix the label file or the dataset.json.")
-    dtype = np.uint8 if merged.max(initial=0) <= np.iinfo(np.uint8).max else np.uint16
-    out = sitk.GetImageFromArray(merged.astype(dtype))
-    out.CopyInformation(image)
-    _write_image(out, target)
+    try:
+        image_io.relabel_segmentation(source, target, table, rw if rw is not None else
+                                      image_io.reader_writer(None, source))
+    except ValueError as error:
+        raise MergeError(f"{error}; {dataset}/dataset.json declares the label values {sorted(lookup)}. Fix the "
+                         f"label file or the dataset.json.") from None
 
 
-def _run_jobs(plan: MergePlan, folder: Path, jobs: Sequence[_Job], copy: bool, result: MergeResult) -> None:
+def _write_file(job: tuple) -> str:
+    """One zero channel ("pad") or remapped label ("label"): (kind, source, target, lookup, dataset, reader/writer).
+    Runs in a worker process with -np (module-level, so picklable)."""
+    kind, source, target, lookup, dataset, rw = job
+    if kind == "pad":
+        write_zero_channel(source, target, rw)
+    else:
+        _remap_label(source, target, lookup, dataset, rw)
+    return kind
+
+
+def _run_jobs(plan: MergePlan, folder: Path, jobs: Sequence[_Job], copy: bool, result: MergeResult,
+              workers: Workers | None = None) -> None:
+    """Images are linked (or copied) here; zero channels and labels are written in ``workers``' processes.
+    Each file is complete or absent; which process wrote it does not change its bytes."""
+    workers = workers or Workers(1)
     lookups = {task: plan.label_space.lookup_table(task) for task in plan.label_space.tasks}
     sources = {t.name: t.source for t in plan.task_map}
     for sub in ("imagesTr", "labelsTr", "imagesTs"):
@@ -337,14 +318,21 @@ def _run_jobs(plan: MergePlan, folder: Path, jobs: Sequence[_Job], copy: bool, r
         target = folder / job.target
         if target.exists() or target.is_symlink():
             target.unlink()  # a file that failed the intact check of a re-run: written again
-        if job.kind == "image":
-            _place_image(job.source, target, copy, result)
-        elif job.kind == "pad":
-            write_zero_channel(job.source, target)
-            result.padded += 1
-        else:
-            _remap_label(job.source, target, lookups[job.task], sources[job.task])
-            result.labels += 1
+    written = [(job.kind, job.source, folder / job.target, lookups[job.task], sources[job.task], plan.reader_writer)
+               for job in jobs if job.kind != "image"]
+    with progress(total=len(jobs), desc=f"merging into {plan.folder.name}") as bar:
+        for job in jobs:
+            if job.kind == "image":
+                placed = raw_dataset.place_file(job.source, folder / job.target,
+                                                raw_dataset.COPY if copy else raw_dataset.HARDLINK)
+                result.linked += placed == "linked"
+                result.copied += placed == "copied"
+                bar.update()
+        with contextlib.closing(workers.imap(_write_file, written, ordered=False)) as kinds:
+            for kind in kinds:
+                result.padded += kind == "pad"
+                result.labels += kind == "label"
+                bar.update()
 
 
 def _intact(job: _Job, target: Path) -> bool:
@@ -396,39 +384,41 @@ def _pending_jobs(plan: MergePlan) -> tuple[_Job, ...] | None:
                      f"untouched. Choose another id with -o or name with --name.")
 
 
-def _create(plan: MergePlan, copy: bool, result: MergeResult) -> None:
-    """Build the whole merged dataset in a private staging folder and move it into place."""
-    with atomic_io.staged_folder(plan.folder) as staging:
-        _run_jobs(plan, staging, plan.jobs, copy, result)
-        atomic_io.write_json(staging / "dataset.json", plan.dataset_json)
-        if plan.folder.is_dir():
-            plan.folder.rmdir()  # an empty folder made beforehand (only reached when empty)
+def _create(plan: MergePlan, copy: bool, result: MergeResult, workers: Workers | None = None) -> None:
+    """Build the whole merged dataset in a private staging folder and move it into place (an empty folder
+    made beforehand is replaced)."""
+    with raw_dataset.new_dataset_folder(plan.folder) as staging:
+        _run_jobs(plan, staging, plan.jobs, copy, result, workers)
+        raw_dataset.write_dataset_json(staging, plan.dataset_json)
 
 
 def merge_datasets(raw_root: str | os.PathLike, source_ids: Sequence[int], output_id: int,
-                   name: str = DEFAULT_NAME, options: MergeOptions = MergeOptions()) -> MergeResult:
+                   name: str = DEFAULT_NAME, options: MergeOptions = MergeOptions(),
+                   num_processes: int = 1) -> MergeResult:
     """Merge the raw datasets ``source_ids`` of ``raw_root`` into ``Dataset<output_id>_<name>``.
 
     Every source file is decoded and checked before anything is written. Safe to repeat: the same
     merge again verifies and completes the output; anything else that exists there is refused and
     left untouched. Concurrent runs on one output take turns (lock). Sources are only read.
+    ``num_processes`` worker processes check and write (the output does not depend on it).
     """
     plan = plan_merge(raw_root, source_ids, output_id, name, options)
     result = MergeResult(plan.folder, plan.task_map, "created")
     if _pending_jobs(plan) == ():
         result.status = "verified"  # complete already: nothing is read further or written
         return result
-    check_sources(plan)
-    with atomic_io.exclusive(plan.folder, "merge", timeout=LOCK_TIMEOUT_S):
-        atomic_io.remove_stale_temporaries(plan.folder.parent)  # staging folders of killed merges
-        pending = _pending_jobs(plan)  # again: another merge may have finished while we waited
-        if pending is None:
-            _create(plan, options.copy, result)
-        elif pending:
-            result.status = "completed"
-            for sub in ("imagesTr", "labelsTr", "imagesTs"):
-                atomic_io.remove_stale_temporaries(plan.folder / sub)
-            _run_jobs(plan, plan.folder, pending, options.copy, result)
-        else:
-            result.status = "verified"
+    with Workers(num_processes) as workers:  # one set of processes checks, then writes
+        check_sources(plan, workers)
+        with atomic_io.exclusive(plan.folder, "merge", timeout=LOCK_TIMEOUT_S):
+            atomic_io.remove_stale_temporaries(plan.folder.parent)  # staging folders of killed merges
+            pending = _pending_jobs(plan)  # again: another merge may have finished while we waited
+            if pending is None:
+                _create(plan, options.copy, result, workers)
+            elif pending:
+                result.status = "completed"
+                for sub in ("imagesTr", "labelsTr", "imagesTs"):
+                    atomic_io.remove_stale_temporaries(plan.folder / sub)
+                _run_jobs(plan, plan.folder, pending, options.copy, result, workers)
+            else:
+                result.status = "verified"
     return result

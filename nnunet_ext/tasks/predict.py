@@ -1,29 +1,39 @@
-"""Task-aware prediction: nnU-Net's predictor with the network set to one task, labels exported in
-that task's own values.
+"""Task-aware prediction: ``nnunet-ext predict --task NAME``, nnUNetv2_predict for one task of a model
+trained on a merged dataset, labels exported in that task's own values.
 
 A model trained on a merged dataset (:mod:`trainers.universal`) needs the task of its input, and
-its raw outputs are in the merged label space. For one task this module
+its raw outputs are in the merged label space. For one task (several: :mod:`nnunet_ext.tasks.all_tasks`,
+which runs the same steps with one block per task) this module
 
-1. checks everything before writing anything: the model folder (its dataset.json and the chosen
-   checkpoint in every fold; a missing ``checkpoint_final.pth`` is reported with the checkpoints
-   that do exist and the ``-chk`` to use), the input cases (``CASE_XXXX<ending>``, the task's channel
-   count, or the merged count if already padded; every file decoded in full with the reader nnU-Net
-   uses for the model's dataset, channels on one grid, no NaN/Inf, the model's dimensionality) and
-   the output folder (new, empty, or an earlier prediction of the same task; anything else is
-   refused untouched);
-2. lays out the padded input nnU-Net expects in a private scratch folder: links to the user's files
+1. checks everything before writing anything: the model folder (its dataset.json, plans.json and the
+   chosen checkpoint in every fold; a missing ``checkpoint_final.pth`` is reported with the
+   checkpoints that do exist and the ``-chk`` to use), the input cases (``CASE_XXXX<ending>``, the
+   task's channel count, or the merged count if already padded; every file decoded in full with the
+   reader nnU-Net uses for the model's dataset, channels on one grid, no NaN/Inf, the model's
+   dimensionality) and the output folder (new, empty, or an earlier prediction of the same task;
+   anything else is refused untouched);
+2. selects the cases as ``nnUNetv2_predict`` does: ``-num_parts N -part_id P`` takes every N-th case
+   of the sorted case ids from the P-th, and ``--continue_prediction`` skips cases whose files are
+   already in the output folder (with ``--save_probabilities`` also their ``.npz`` and ``.pkl``);
+3. writes what ``nnUNetv2_predict`` writes first: ``dataset.json`` (the task's own labels, so
+   ``nnUNetv2_evaluate_folder -djfile`` and ``nnUNetv2_ensemble`` read the task's label space),
+   ``plans.json`` (the model's) and ``predict_from_raw_data_args.json`` (nnU-Net's keys, plus ours
+   under ``nnunet_ext_predict``); a new output folder appears with them in one move;
+4. lays out the padded input nnU-Net expects in a private scratch folder: links to the user's files
    plus zero images (geometry of channel 0) for the channels the task does not have;
-3. runs nnU-Net's own predictor (sliding window, mirroring, fold ensemble, resampling, export)
-   with ``set_task`` on the network, which also masks classes the task does not annotate;
-4. maps the merged labels to the task's source values (``TaskMap.to_source``) and writes them,
-   with the source's geometry, plus a ``dataset.json`` of the task's own labels (for
-   ``nnUNetv2_evaluate_folder -djfile``), through :mod:`nnunet_ext.atomic_io`: a new output folder
-   is built in a staging folder and moved into place at the end (Ctrl-C leaves none); into an
-   earlier prediction of the same task each file is replaced atomically.
+5. runs nnU-Net's predictor (preprocessing, sliding window, mirroring, fold ensemble) on the network's
+   logits of the classes the task annotates (:class:`nnunet_ext.tasks.all_tasks.AllTasksNetwork`, the
+   others are never chosen), and nnU-Net's export steps (resampling, softmax, argmax, uncropping)
+   in its export processes, where each case is written as soon as it is done (:class:`TaskWriter`):
+   the labels mapped to the task's source values, with nnU-Net's image writer for the model's plans
+   and the case's geometry, and with ``--save_probabilities`` the probabilities of the task's labels
+   (background first, in label-value order: nnU-Net's channel order for the task's dataset) as
+   nnU-Net's ``.npz`` plus its ``.pkl``.
 
-The user's input folder is only read. Concurrent runs into one output folder take turns (lock).
-Several tasks in one pass (``--task all`` / ``--task A,B``): :mod:`nnunet_ext.tasks.all_tasks`, which
-writes each task's folder with this module's checks and writers.
+Every file goes through :mod:`nnunet_ext.atomic_io` (complete or absent). A run killed or interrupted
+mid-way leaves the finished cases, each complete; ``--continue_prediction`` then predicts only the rest.
+The user's input folder is only read. Runs into one output folder take turns while they check and set
+it up (a lock); their cases are then predicted concurrently (``-num_parts`` jobs into one folder).
 """
 from __future__ import annotations
 
@@ -34,18 +44,61 @@ import re
 import shutil
 import zipfile
 from collections import defaultdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from nnunet_ext import atomic_io, compat, image_checks
+from nnunet_ext.image_io import write_segmentation, write_zero_channel
 from nnunet_ext.errors import UserFacingError
 from nnunet_ext.tasks.task_map import TaskMap
 
 CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 OUTPUT_KEY = "nnunet_ext_task"  # in the output's dataset.json: marks a folder this command wrote
+ARGS_FILE = "predict_from_raw_data_args.json"  # nnU-Net's record of a prediction's arguments
 DEFAULT_CHECKPOINT = "checkpoint_final.pth"
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """``nnUNetv2_predict``'s options, with its defaults (``-f``: every fold the model folder has)."""
+
+    folds: Sequence[int | str] | None = None  # -f
+    checkpoint: str = DEFAULT_CHECKPOINT  # -chk
+    step_size: float = 0.5  # -step_size
+    use_mirroring: bool = True  # not --disable_tta
+    device: Any = None  # -device (a torch.device; None: CPU)
+    num_processes_preprocessing: int = 3  # -npp (both 0: everything in this process, as nnU-Net)
+    num_processes_export: int = 3  # -nps
+    save_probabilities: bool = False  # --save_probabilities
+    continue_prediction: bool = False  # --continue_prediction
+    num_parts: int = 1  # -num_parts
+    part_id: int = 0  # -part_id
+    perform_everything_on_device: bool = True  # not --not_on_device
+    verbose: bool = False  # --verbose
+    allow_tqdm: bool = True  # not --disable_progress_bar
+
+    def check(self) -> None:
+        """Refuse option values nnUNetv2_predict would fail on (one line each)."""
+        if isinstance(self.num_parts, bool) or not isinstance(self.num_parts, int) or self.num_parts < 1:
+            raise UserFacingError(f"-num_parts {self.num_parts!r}: give the number of prediction jobs, 1 or more.")
+        if isinstance(self.part_id, bool) or not isinstance(self.part_id, int) or \
+                not 0 <= self.part_id < self.num_parts:
+            raise UserFacingError(f"-part_id {self.part_id!r} with -num_parts {self.num_parts}: part ids count from "
+                                  f"0 to {self.num_parts - 1}, one per job.")
+        for flag, value in (("-npp", self.num_processes_preprocessing), ("-nps", self.num_processes_export)):
+            if value < 0:
+                raise UserFacingError(f"{flag} {value}: a number of processes, 0 or more.")
+        if not 0 < self.step_size <= 1:
+            raise UserFacingError(f"-step_size {self.step_size}: a fraction of the patch, above 0 and at most 1.")
+
+
+def select_cases(case_ids: Sequence[str], num_parts: int = 1, part_id: int = 0) -> list[str]:
+    """The cases of job ``part_id`` of ``num_parts``: nnUNetv2_predict's split (every ``num_parts``-th of
+    the sorted case ids, from the ``part_id``-th)."""
+    return sorted(case_ids)[part_id::num_parts]
 
 
 def cases_in_folder(folder: Path, file_ending: str) -> dict[str, dict[int, Path]]:
@@ -83,6 +136,19 @@ def read_model_dataset_json(model_folder: Path) -> dict:
         raise UserFacingError(f"{path} is not an nnU-Net dataset.json (no file_ending); restore it from the "
                               f"merged raw dataset's dataset.json.")
     return content
+
+
+def check_model_plans(model_folder: Path) -> None:
+    """The model's plans.json (nnU-Net's predictor needs it; it is copied into the output) or a refusal."""
+    path = model_folder / "plans.json"
+    try:
+        plans = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise UserFacingError(f"{path} cannot be read ({type(error).__name__}); nnUNetv2_train writes it beside "
+                              f"dataset.json: restore it from nnUNet_preprocessed/<dataset>/<plans>.json.") from None
+    if not isinstance(plans, dict):
+        raise UserFacingError(f"{path} is not an nnU-Net plans file; restore it from "
+                              f"nnUNet_preprocessed/<dataset>/<plans>.json.")
 
 
 def _fold_folder(fold: int | str) -> str:
@@ -163,9 +229,11 @@ def check_input_cases(cases: dict[str, dict[int, Path]], input_folder: Path, tas
                 raise UserFacingError(
                     f"Case {case!r} in {input_folder} has channel files {sorted(channels)}; task {task_name!r} needs "
                     f"{expected} channels numbered from _0000 ({task.channel_names}). Provide exactly those files.")
+    if not cases:
+        return
     first = next(iter(next(iter(cases.values())).values()))
     reader = image_checks.reader_for(dataset_json, first)
-    for case, channels in cases.items():
+    for channels in cases.values():
         image_checks.check_case([channels[c] for c in sorted(channels)], reader, spatial_dims=spatial_dims)
 
 
@@ -219,49 +287,69 @@ def _link_or_copy(source: Path, target: Path) -> None:
         atomic_io.write_with(target, lambda temporary: shutil.copyfile(source, temporary))
 
 
-def prepare_padded_input(cases: dict[str, dict[int, Path]], staging: Path, task_map: TaskMap,
-                         file_ending: str) -> list[str]:
-    """Write the merged-channel-count input into ``staging`` (checked cases); returns the case ids."""
-    from nnunet_ext.tasks.merge import write_zero_channel
-
+def prepare_padded_input(cases: dict[str, dict[int, Path]], staging: Path, task_map: TaskMap, file_ending: str,
+                         reader_writer=None) -> list[str]:
+    """Write the merged-channel-count input into ``staging`` (checked cases): links to the case's files, and
+    for the channels it lacks zero images by the merge's rule (:func:`nnunet_ext.image_io.write_zero_channel`,
+    with the dataset's ``reader_writer``); returns the case ids."""
     merged = task_map.max_channels
     for case, channels in cases.items():
         for channel, path in channels.items():
             _link_or_copy(path, staging / f"{case}_{channel:04d}{file_ending}")
         for channel in range(len(channels), merged):
-            write_zero_channel(channels[0], staging / f"{case}_{channel:04d}{file_ending}")
+            write_zero_channel(channels[0], staging / f"{case}_{channel:04d}{file_ending}", reader_writer)
     return sorted(cases)
 
 
-def export_to_source_labels(task_map: TaskMap, task_name: str, merged_folder: Path, output_folder: Path,
-                            cases: Sequence[str], file_ending: str) -> None:
-    """Each merged-space prediction -> the task's own label values, same geometry, written atomically."""
-    relabel(task_map.to_source_lut(task_name), merged_folder, output_folder, cases, file_ending)
+def _save_probabilities(probabilities: np.ndarray, temporary: Path) -> None:
+    with open(temporary, "wb") as file:  # a file object: numpy would append .npz to a path
+        np.savez_compressed(file, probabilities=probabilities)
 
 
-def relabel(lut: np.ndarray, predicted_folder: Path, output_folder: Path, cases: Sequence[str],
-            file_ending: str) -> None:
-    """Each case's label map in ``predicted_folder`` -> ``lut[value]``, same geometry, written atomically."""
-    import SimpleITK as sitk
+@dataclass(frozen=True)
+class TaskWriter:
+    """Writes one task's prediction of a case into ``folder``, from its block of the network's output
+    (the merged classes in ``classes``: ``to_source[i]`` is block class ``i``'s value in the task's own
+    labels, ``channels[j]`` the block class of the task's ``j``-th label in label-value order).
+    Picklable: it runs in nnU-Net's export processes."""
 
-    for case in cases:
-        source = predicted_folder / f"{case}{file_ending}"
-        if not source.is_file():
-            raise RuntimeError(f"nnU-Net's predictor wrote no {source.name} in {predicted_folder}")
-        image = sitk.ReadImage(str(source))
-        predicted = sitk.GetArrayFromImage(image)
-        if predicted.size and (predicted.min() < 0 or predicted.max() >= len(lut)):
-            raise RuntimeError(f"{source} holds values outside 0..{len(lut) - 1}")
-        values = lut[predicted]
-        exported = sitk.GetImageFromArray(values.astype(np.uint8 if values.max(initial=0) < 256 else np.uint16))
-        exported.CopyInformation(image)
-        atomic_io.write_with(output_folder / f"{case}{file_ending}",
-                             lambda temporary: sitk.WriteImage(exported, str(temporary), True))
+    folder: Path
+    to_source: np.ndarray
+    channels: tuple[int, ...]
+    file_ending: str
+
+    @classmethod
+    def for_task(cls, task_map: TaskMap, task_name: str, classes: Sequence[int], folder: Path,
+                 file_ending: str) -> "TaskWriter":
+        task = task_map.task(task_name)
+        ignore = task.to_source.get(task.ignore_value) if task.ignore_value is not None else None
+        channels = []
+        for value in sorted(set(task.to_source.values()) - {ignore}):
+            blocks = [i for i, merged in enumerate(classes) if task.to_source.get(merged) == value]
+            if len(blocks) != 1:
+                raise RuntimeError(f"task {task_name!r}: label value {value} is output by {len(blocks)} of the "
+                                   f"network's classes {list(classes)} for it, not one")
+            channels.append(blocks[0])
+        return cls(folder, task_map.to_source_lut(task_name)[np.asarray(classes, dtype=np.int64)], tuple(channels),
+                   file_ending)
+
+    def write(self, case_id: str, segmentation: np.ndarray, probabilities: np.ndarray | None, properties: dict,
+              reader_writer) -> None:
+        """Probabilities of the task's labels (renormalised if the block held other classes) as nnU-Net's
+        ``.npz`` and ``.pkl``, then the label map in the task's values, each file atomically."""
+        if probabilities is not None:
+            kept = probabilities[list(self.channels)]
+            if len(self.channels) != len(probabilities):
+                kept = kept / kept.sum(0, keepdims=True)
+            atomic_io.write_with(self.folder / f"{case_id}.npz", lambda temporary: _save_probabilities(kept, temporary))
+            compat.save_case_properties(properties, self.folder / f"{case_id}.pkl")
+        write_segmentation(self.to_source[segmentation], self.folder / f"{case_id}{self.file_ending}", properties,
+                           reader_writer)
 
 
 @contextlib.contextmanager
 def output_target(output_folder: Path, earlier: bool) -> Iterator[Path]:
-    """Where the exports go: the earlier prediction's folder itself (files replaced one by one, each
+    """Where the set-up files go: the earlier prediction's folder itself (files replaced one by one, each
     atomically), or a staging folder that becomes ``output_folder`` when everything is written."""
     if earlier:
         yield output_folder
@@ -272,11 +360,38 @@ def output_target(output_folder: Path, earlier: bool) -> Iterator[Path]:
             output_folder.rmdir()  # an empty folder made beforehand (checked: only reached when empty)
 
 
-def output_dataset_json(task_map: TaskMap, task_name: str, file_ending: str, model_folder: Path) -> dict:
+def output_dataset_json(task_map: TaskMap, task_name: str, file_ending: str, model_folder: Path,
+                        model_dataset_json: dict | None = None) -> dict:
+    """The dataset.json of a task's output folder: the task's own channels and labels (plus the model's
+    reader choice, if it overrides nnU-Net's), marked as written by this command."""
     task = task_map.task(task_name)
+    reader = (model_dataset_json or {}).get("overwrite_image_reader_writer")
     return {"channel_names": task.channel_names, "labels": task.source_labels, "file_ending": file_ending,
-            "numTraining": 0, OUTPUT_KEY: {"task": task_name, "source": task.source,
-                                           "model": os.fspath(model_folder)}}
+            "numTraining": 0, **({"overwrite_image_reader_writer": reader} if reader else {}),
+            OUTPUT_KEY: {"task": task_name, "source": task.source, "model": os.fspath(model_folder)}}
+
+
+def prediction_arguments(input_folder: Path, output_folder: Path, options: PredictOptions, what: dict) -> dict:
+    """``predict_from_raw_data_args.json``: the arguments nnU-Net records for ``predict_from_files``, with
+    the model, task(s), folds, checkpoint and predictor settings under ``nnunet_ext_predict``."""
+    settings = asdict(options)
+    settings["device"] = str(options.device) if options.device is not None else "cpu"
+    settings["folds"] = list(options.folds) if options.folds is not None else None
+    return {"list_of_lists_or_source_folder": os.fspath(input_folder),
+            "output_folder_or_list_of_truncated_output_files": os.fspath(output_folder),
+            "save_probabilities": options.save_probabilities, "overwrite": not options.continue_prediction,
+            "num_processes_preprocessing": options.num_processes_preprocessing,
+            "num_processes_segmentation_export": options.num_processes_export,
+            "folder_with_segs_from_prev_stage": None, "num_parts": options.num_parts, "part_id": options.part_id,
+            "nnunet_ext_predict": {**what, **settings}}
+
+
+def write_folder_metadata(folder: Path, dataset_json: dict, model_folder: Path, arguments: dict) -> None:
+    """What nnUNetv2_predict writes into its output folder before the cases: dataset.json, plans.json
+    (the model's, byte for byte) and predict_from_raw_data_args.json."""
+    atomic_io.write_json(folder / "dataset.json", dataset_json)
+    atomic_io.write_bytes(folder / "plans.json", (model_folder / "plans.json").read_bytes())
+    atomic_io.write_json(folder / ARGS_FILE, arguments)
 
 
 def task_conditioned_network(predictor, model_folder: Path):
@@ -290,46 +405,15 @@ def task_conditioned_network(predictor, model_folder: Path):
 
 
 def predict_task(model_folder: str | os.PathLike, input_folder: str | os.PathLike, output_folder: str | os.PathLike,
-                 task_name: str, folds: Sequence[int | str] | None = None, checkpoint: str = DEFAULT_CHECKPOINT,
-                 step_size: float = 0.5, use_mirroring: bool = True, device=None, num_processes_preprocessing: int = 3,
-                 num_processes_export: int = 3) -> list[str]:
-    """Predict every case in ``input_folder`` as task ``task_name``; returns the case ids written.
+                 task_name: str, **options: Any) -> list[str]:
+    """Predict the cases in ``input_folder`` as task ``task_name`` into ``output_folder``; returns the case
+    ids predicted (without those ``--continue_prediction`` found done, and only this job's part).
 
-    Everything is checked before anything is written (module docstring); ``checkpoint`` goes to
-    nnU-Net's predictor as its checkpoint name (``-chk``).
+    ``options``: the fields of :class:`PredictOptions` (nnUNetv2_predict's options and defaults).
+    Everything is checked before anything is written (module docstring).
     """
-    model_folder, input_folder, output_folder = Path(model_folder), Path(input_folder), Path(output_folder)
-    dataset_json = read_model_dataset_json(model_folder)
-    task_map = TaskMap.from_dataset_json(dataset_json)
-    if task_name not in task_map:
-        raise UserFacingError(f"Unknown task {task_name!r}; this model's tasks are {list(task_map.names)}.")
-    folds = check_checkpoints(model_folder, folds, checkpoint)
-    if not input_folder.is_dir():
-        raise UserFacingError(f"Input folder {input_folder} does not exist.")
-    if output_folder.resolve() == input_folder.resolve():
-        raise UserFacingError("The output folder must differ from the input folder (inputs are never overwritten).")
-    file_ending = dataset_json["file_ending"]
-    check_output_folder(output_folder, task_name)
-    cases = cases_in_folder(input_folder, file_ending)
-    check_input_cases(cases, input_folder, task_map, task_name, dataset_json, model_spatial_dims(model_folder))
+    from nnunet_ext.tasks.all_tasks import run_prediction
 
-    with atomic_io.exclusive(output_folder, "nnunet-ext predict"):
-        atomic_io.remove_stale_temporaries(output_folder.parent)
-        atomic_io.remove_stale_temporaries(output_folder)
-        earlier = check_output_folder(output_folder, task_name)  # again: another run may have written it
-        with atomic_io.scratch_folder(output_folder) as scratch:
-            staging, merged = scratch / "input", scratch / "merged"
-            staging.mkdir()
-            case_ids = prepare_padded_input(cases, staging, task_map, file_ending)
-            predictor = compat.predictor(step_size, use_mirroring, device)
-            predictor.initialize_from_trained_model_folder(os.fspath(model_folder), folds, checkpoint_name=checkpoint)
-            network = task_conditioned_network(predictor, model_folder)
-            network.set_task(task_map.task_id(task_name))
-            predictor.predict_from_files(os.fspath(staging), os.fspath(merged), save_probabilities=False,
-                                         overwrite=True, num_processes_preprocessing=num_processes_preprocessing,
-                                         num_processes_segmentation_export=num_processes_export)
-            with output_target(output_folder, earlier) as target:
-                export_to_source_labels(task_map, task_name, merged, target, case_ids, file_ending)
-                atomic_io.write_json(target / "dataset.json",
-                                     output_dataset_json(task_map, task_name, file_ending, model_folder))
-    return case_ids
+    _, predicted, _ = run_prediction(model_folder, input_folder, output_folder, [task_name], several=False,
+                                     combine=False, options=PredictOptions(**options))
+    return predicted

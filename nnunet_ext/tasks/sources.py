@@ -2,12 +2,14 @@
 
 Checked here, one source at a time, so every problem names the folder and the file: the
 dataset.json keys the merge needs, the channel files of every case (``<case>_XXXX<ending>``)
-and its label file, and a file ending whose files we can read and write with SimpleITK (the
-reader nnU-Net itself uses for these endings). :func:`check_source_files` then decodes every
-image and label in full with the reader nnU-Net uses for the source (truncated or corrupt files,
-NaN intensities, channels or labels off the case's grid, labels outside dataset.json, a case of
-another dimensionality). Checks across sources (same file ending and dimensionality, label
-collisions) live in :mod:`nnunet_ext.tasks.merge` and :mod:`nnunet_ext.tasks.label_space`.
+and its label file, and an image reader/writer nnU-Net has for the source (dataset.json's
+``overwrite_image_reader_writer`` or the file ending: SimpleITKIO, NibabelIO, NaturalImage2DIO,
+...; merge reads and writes through it, :mod:`nnunet_ext.image_io`). :func:`check_case_files` then
+decodes every image and label in full with that reader (truncated or corrupt files, NaN
+intensities, channels or labels off the case's grid, labels outside dataset.json) and
+:func:`dimensionality` finds a case of another dimensionality. Checks across sources (same file
+ending, reader and dimensionality, label collisions) live in :mod:`nnunet_ext.tasks.merge` and
+:mod:`nnunet_ext.tasks.label_space`.
 """
 from __future__ import annotations
 
@@ -17,13 +19,16 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 from nnunet_ext.errors import UserFacingError
 
-#: Endings nnU-Net reads with SimpleITKIO (plus plain .nii); merge reads labels and writes
-#: remapped labels and zero channels with SimpleITK, keeping each file's geometry.
-SUPPORTED_FILE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha", ".gipl")
+if TYPE_CHECKING:
+    from nnunet_ext.image_checks import ImageInfo
+
+#: Reader/writers merge cannot carry over: Tiff3DIO keeps each case's spacing in a ``<case>.json`` beside
+#: its images, which a merged case (new name) would lack.
+UNSUPPORTED_READERS = ("Tiff3DIO",)
 _CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 _DATASET_FOLDER = re.compile(r"^Dataset(?P<id>\d{3})_(?P<name>.+)$")
 
@@ -70,6 +75,18 @@ class SourceDataset:
 
     def label(self, case: str) -> Path:
         return self.folder / "labelsTr" / f"{case}{self.file_ending}"
+
+    def reader_writer(self) -> Any:
+        """The image reader/writer nnU-Net uses for this dataset (overwrite_image_reader_writer or file ending)."""
+        from nnunet_ext import image_io
+
+        try:
+            return image_io.reader_writer(self.dataset_json, self.image("train", self.training[0], 0)
+                                          if self.training else f"case{self.file_ending}")
+        except RuntimeError:  # nnU-Net's lookup by overwrite_image_reader_writer and file ending found nothing
+            raise MergeError(f"{self.folder / 'dataset.json'}: nnU-Net has no image reader for overwrite_image_"
+                             f"reader_writer {self.dataset_json.get('overwrite_image_reader_writer')!r} / "
+                             f"file_ending {self.file_ending!r}; fix those keys.") from None
 
     def fingerprint(self) -> dict[str, Any]:
         """What identifies this source's content for re-run checks (dataset.json and case lists)."""
@@ -151,9 +168,8 @@ def read_source(folder: Path) -> SourceDataset:
         raise MergeError(f"{where} lists its files in a 'dataset' key; merge needs the standard imagesTr/labelsTr "
                          f"layout. Export {folder.name} into that layout first.")
     ending = dataset_json["file_ending"]
-    if ending not in SUPPORTED_FILE_ENDINGS:
-        raise MergeError(f"{folder.name} uses file ending {ending!r}; merge supports {list(SUPPORTED_FILE_ENDINGS)} "
-                         f"(3D images read and written with SimpleITK). Convert {folder.name} to .nii.gz first.")
+    if not isinstance(ending, str) or not ending.startswith("."):
+        raise MergeError(f"{where}: file_ending must be a file ending such as \".nii.gz\", got {ending!r}.")
     channel_names = dataset_json.get("channel_names", dataset_json.get("modality"))
     if not isinstance(channel_names, dict) or not channel_names or \
             set(channel_names) != {str(i) for i in range(len(channel_names))}:
@@ -170,31 +186,49 @@ def read_source(folder: Path) -> SourceDataset:
         if not source.label(case).is_file():
             raise MergeError(f"{source.label(case)} is missing: every training case needs a label file. "
                              f"Add it or remove the case's images from {folder.name}.")
-    return SourceDataset(folder, dataset_json, training, test)
+    source = SourceDataset(folder, dataset_json, training, test)
+    reader = type(source.reader_writer()).__name__
+    if reader in UNSUPPORTED_READERS:
+        raise MergeError(f"{folder.name} is read with {reader}, which keeps each case's spacing in a <case>.json "
+                         f"beside its images; merge cannot carry those over yet. Convert {folder.name} to .nii.gz "
+                         f"(or .nrrd/.mha) first.")
+    return source
 
 
-def check_source_files(source: SourceDataset) -> int:
-    """Decode every image and label of ``source`` (imagesTr, labelsTr, imagesTs) with the reader nnU-Net uses
-    for it and check each case against its siblings; returns the dataset's dimensionality (2 or 3).
+@dataclass(frozen=True)
+class CaseCheck:
+    """One case to decode and check: its channel files, its label (None for a test case), the label values
+    the source declares and the source's reader/writer. Picklable (merge checks in worker processes)."""
 
-    The dimensionality is that of most cases, so the one odd case is the one named.
-    """
+    images: tuple[Path, ...]
+    label: Path | None
+    allowed_labels: frozenset[int] | None
+    reader_writer: Any
+
+
+def case_checks(source: SourceDataset) -> list[CaseCheck]:
+    """Every case of ``source`` (imagesTr with its label, then imagesTs), to pass to :func:`check_case_files`."""
     from nnunet_ext import image_checks
 
-    first = source.image("train", source.training[0], 0)
-    try:
-        reader = image_checks.reader_for(source.dataset_json, first)
-    except RuntimeError:  # nnU-Net's lookup by overwrite_image_reader_writer and file ending found nothing
-        raise MergeError(f"{source.folder / 'dataset.json'}: nnU-Net has no image reader for overwrite_image_"
-                         f"reader_writer {source.dataset_json.get('overwrite_image_reader_writer')!r} / file_ending "
-                         f"{source.file_ending!r}; fix those keys.") from None
-    allowed = image_checks.dataset_label_values(source.dataset_json)
-    found: list[image_checks.ImageInfo] = []
-    for split, cases in (("train", source.training), ("test", source.test)):
-        for case in cases:
-            images = [source.image(split, case, c) for c in range(source.num_channels)]
-            label = source.label(case) if split == "train" else None
-            found.append(image_checks.check_case(images, reader, label=label, allowed_labels=allowed))
+    reader = source.reader_writer()
+    values = image_checks.dataset_label_values(source.dataset_json)
+    allowed = frozenset(values) if values is not None else None
+    return [CaseCheck(tuple(source.image(split, case, c) for c in range(source.num_channels)),
+                      source.label(case) if split == "train" else None, allowed, reader)
+            for split, cases in (("train", source.training), ("test", source.test)) for case in cases]
+
+
+def check_case_files(check: CaseCheck) -> ImageInfo:
+    """Decode every file of one case in full and check it against its siblings; its first channel's info."""
+    from nnunet_ext import image_checks
+
+    return image_checks.check_case(list(check.images), check.reader_writer, label=check.label,
+                                   allowed_labels=check.allowed_labels)
+
+
+def dimensionality(source: SourceDataset, found: Sequence[ImageInfo]) -> int:
+    """The dimensionality (2 or 3) of most of ``source``'s checked cases; refuses the first odd case, so the
+    one odd case is the one named."""
     counts = Counter(info.spatial_dims for info in found)
     dims = max(counts, key=lambda d: (counts[d], d))
     odd = next((info for info in found if info.spatial_dims != dims), None)
@@ -203,3 +237,9 @@ def check_source_files(source: SourceDataset) -> int:
                          f"{len(found)} cases of {source.name} are {dims}D). Remove the case or convert it to "
                          f"{dims}D.")
     return dims
+
+
+def check_source_files(source: SourceDataset) -> int:
+    """Decode every image and label of ``source`` (imagesTr, labelsTr, imagesTs) with the reader nnU-Net uses
+    for it and check each case against its siblings; returns the dataset's dimensionality (2 or 3)."""
+    return dimensionality(source, [check_case_files(check) for check in case_checks(source)])

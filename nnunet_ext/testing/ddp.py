@@ -55,14 +55,11 @@ def _worker(rank: int, world_size: int, port: int, env: dict, trainer: str, data
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as trainer_module
-        from nnunetv2.run.run_training import get_trainer_from_args, maybe_load_checkpoint
+        from nnunet_ext import compat
 
-        trainer_module.DDP = _cpu_ddp  # hard-code 5 (see the module docstring)
-        nnunet_trainer = get_trainer_from_args(dataset, configuration, fold, trainer, plans, continue_training)
-        nnunet_trainer.device = torch.device("cpu")  # hard-code 4
-        nnunet_trainer.grad_scaler = None
-        maybe_load_checkpoint(nnunet_trainer, continue_training, False)
+        # hard-codes 4 and 5 (see the module docstring): a CPU device and a CPU-capable DDP wrapper
+        nnunet_trainer = compat.trainer_for_ddp_test(dataset, configuration, fold, trainer, plans, continue_training,
+                                                     _cpu_ddp, torch.device("cpu"))
         nnunet_trainer.run_training()
         network = nnunet_trainer.network
         parameters = torch.cat([p.detach().flatten() for p in network.parameters()])
@@ -72,7 +69,8 @@ def _worker(rank: int, world_size: int, port: int, env: dict, trainer: str, data
             "oversample_foreground_percent": nnunet_trainer.oversample_foreground_percent,
             "global_batch_size": nnunet_trainer.configuration_manager.batch_size,
             "network_is_ddp": type(network).__name__ == "DistributedDataParallel",
-            "parameter_sum": float(parameters.double().sum()), "parameter_abs_sum": float(parameters.double().abs().sum()),
+            "parameter_sum": float(parameters.double().sum()),
+            "parameter_abs_sum": float(parameters.double().abs().sum()),
             "current_epoch": nnunet_trainer.current_epoch,
             "train_loss": float(nnunet_trainer.logger.get_value("train_losses", step=-1)),
             "output_folder": nnunet_trainer.output_folder,

@@ -121,9 +121,9 @@ def stock_command(name: str) -> str:
     return str(candidate) if candidate.exists() else name
 
 
-def run_stock(arguments: Sequence[str], env: dict, timeout: float = 900) -> subprocess.CompletedProcess:
+def run_stock(arguments: Sequence[object], env: dict, timeout: float = 900) -> subprocess.CompletedProcess:
     """Run a command like a user would; on failure, raise with the command and its output's tail."""
-    command = [stock_command(arguments[0]), *map(str, arguments[1:])]
+    command = [stock_command(str(arguments[0])), *map(str, arguments[1:])]
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
     if completed.returncode != 0:
         output = (completed.stdout + completed.stderr)[-6000:]
@@ -143,8 +143,10 @@ def plan_and_preprocess(root: NnUNetRoot, configuration: str = "3d_fullres", pla
 def train_stock(root: NnUNetRoot, trainer: str, configuration: str = "3d_fullres", fold: int = 0,
                 plans: str = "nnUNetPlans", epochs: int = 1, iterations: int = 2, **env: str) -> Path:
     """``nnUNetv2_train`` on CPU with a short schedule (``env`` adds variables); returns the model folder."""
+    variables = root.env(epochs=epochs, iterations=iterations)
+    variables.update(env)
     run_stock(["nnUNetv2_train", root.dataset_id, configuration, fold, "-tr", trainer, "-p", plans, "-device", "cpu"],
-              root.env(epochs=epochs, iterations=iterations, **env))
+              variables)
     return root.results / root.dataset_name / f"{trainer}__{plans}__{configuration}"
 
 
@@ -153,25 +155,36 @@ def predict_task_and_check(root: NnUNetRoot, trainer: str, source_index: int, ou
     """``nnunet-ext predict --task`` on one source dataset of the universal family, then checks that
     every test case got a prediction on its reference's grid holding only the source's own label
     values. Returns the source dataset's raw folder (for further checks by the caller)."""
-    import numpy as np
-    import SimpleITK as sitk
-
     from nnunet_ext.datasets.multi_dataset import DEFAULT_DATASET_IDS, DEFAULT_SOURCES
 
     source_folder = next(root.raw.glob(f"Dataset{DEFAULT_DATASET_IDS[source_index]:03d}_*"))
     run_stock(["nnunet-ext", "predict", "--task", DEFAULT_SOURCES[source_index].name, "-i", source_folder / "imagesTs",
                "-o", output, "-d", root.dataset_id, "-c", configuration, "-f", fold, "-tr", trainer,
                "-device", "cpu", "-npp", 1, "-nps", 1], root.env())
-    labels = set(json.loads((source_folder / "dataset.json").read_text())["labels"].values())
-    references = sorted((source_folder / "labelsTs").glob("*.nii.gz"))
+    dataset_json = json.loads((source_folder / "dataset.json").read_text())
+    labels = set(dataset_json["labels"].values())
+    references = sorted((source_folder / "labelsTs").glob(f"*{dataset_json['file_ending']}"))
     assert references, f"no test labels in {source_folder}"
     for reference in references:
-        predicted, expected = sitk.ReadImage(str(output / reference.name)), sitk.ReadImage(str(reference))
-        assert predicted.GetSize() == expected.GetSize(), reference.name
-        assert np.allclose(predicted.GetSpacing(), expected.GetSpacing()), reference.name
-        values = set(np.unique(sitk.GetArrayFromImage(predicted)).tolist())
-        assert values <= labels, f"{reference.name}: labels {values - labels} are not the task's {sorted(labels)}"
+        check_prediction(output / reference.name, reference, dataset_json, labels)
     return source_folder
+
+
+def check_prediction(prediction: Path, reference: Path, dataset_json: dict, label_values: set) -> None:
+    """``prediction`` exists, lies on ``reference``'s grid (shape and spacing as the dataset's reader/writer
+    reads them) and holds only ``label_values``."""
+    import numpy as np
+
+    from nnunet_ext import image_io
+
+    assert prediction.is_file(), f"no prediction for {reference.name}"
+    rw = image_io.reader_writer(dataset_json, reference)
+    predicted, predicted_properties = image_io.read_segmentation(prediction, rw)
+    expected, expected_properties = image_io.read_segmentation(reference, rw)
+    assert predicted.shape == expected.shape, (reference.name, predicted.shape, expected.shape)
+    assert np.allclose(predicted_properties["spacing"], expected_properties["spacing"]), reference.name
+    values = set(np.unique(predicted).tolist())
+    assert values <= label_values, f"{prediction.name}: labels {values - label_values} not in {sorted(label_values)}"
 
 
 @dataclass(frozen=True)
@@ -211,7 +224,6 @@ CHECKPOINT_KEYS = {"network_weights", "optimizer_state", "current_epoch", "init_
 def check_pipeline_outputs(root: NnUNetRoot, result: PipelineResult, epochs: int = 1) -> None:
     """Assert on what the stock commands wrote: checkpoint, validation, predictions, summary."""
     import numpy as np
-    import SimpleITK as sitk
     import torch
 
     checkpoint = torch.load(result.fold_folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)
@@ -231,13 +243,7 @@ def check_pipeline_outputs(root: NnUNetRoot, result: PipelineResult, epochs: int
     references = sorted((root.dataset_raw / "labelsTs").glob(f"*{ending}"))
     assert references, "no test labels in the harness dataset"
     for reference in references:
-        prediction = result.predictions / reference.name
-        assert prediction.is_file(), f"no prediction for {reference.name}"
-        ref_image, pred_image = sitk.ReadImage(str(reference)), sitk.ReadImage(str(prediction))
-        assert ref_image.GetSize() == pred_image.GetSize()
-        assert np.allclose(ref_image.GetSpacing(), pred_image.GetSpacing())
-        values = set(np.unique(sitk.GetArrayFromImage(pred_image)).tolist())
-        assert values <= label_values, f"{prediction.name} has labels {values - label_values} not in dataset.json"
+        check_prediction(result.predictions / reference.name, reference, dataset_json, label_values)
 
     per_case = result.summary["metric_per_case"]
     assert len(per_case) == len(references)

@@ -56,6 +56,7 @@ class Budget:
                     f"label budget of {self.count} cases is more than the {num_training} training cases of this "
                     f"fold. Set {BUDGET_VARIABLE} to at most {num_training} (or a fraction such as 0.2).")
             return self.count
+        assert self.fraction is not None  # a budget is a count or a fraction
         return max(1, min(num_training, math.floor(self.fraction * num_training + 0.5)))
 
     def describe(self) -> str:
@@ -140,7 +141,8 @@ def apply_budget(output_folder: str | os.PathLike, training_cases: Sequence[str]
         if saved is not None:
             raise LabelBudgetError(
                 f"{path} says this fold was trained with a label budget of {_saved_budget_text(saved)} (seed "
-                f"{saved['seed']}), but {BUDGET_VARIABLE} is not set. Set {BUDGET_VARIABLE}={_saved_budget_value(saved)} "
+                f"{saved['seed']}), but {BUDGET_VARIABLE} is not set. Set "
+                f"{BUDGET_VARIABLE}={_saved_budget_value(saved)} "
                 f"{SEED_VARIABLE}={saved['seed']} to continue it, or train into a new results folder.")
         return None
     cases = sorted(set(training_cases))

@@ -55,7 +55,8 @@ class UnionDataset(nnUNetBaseDataset):
         for part in parts:
             for identifier in part.identifiers:
                 if identifier in owner:
-                    raise ValueError(f"case {identifier!r} is in two unlabelled sources ({owner[identifier].source_folder}"
+                    raise ValueError(f"case {identifier!r} is in two unlabelled sources "
+                                     f"({owner[identifier].source_folder}"
                                      f" and {part.source_folder}); case names must be unique")
                 owner[identifier] = part
         self._owner = owner

@@ -33,16 +33,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import multiprocessing
 import os
 import shutil
-import signal
-import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from nnunet_ext import atomic_io, compat, image_checks
+from nnunet_ext.parallel import imap, progress
 from nnunet_ext.unlabeled.convention import (UNLABELED_IMAGES_FOLDER, UnlabeledCase, UnlabeledDataError,
                                              check_unique_case_names, list_unlabeled_cases, manifest_path,
                                              num_channels, unlabeled_preprocessed_folder)
@@ -190,8 +188,8 @@ def check_unlabeled_images(cases: Sequence[UnlabeledCase], raw_dataset: Path, da
 class _Job:
     case: UnlabeledCase
     output_folder: Path
-    plans_manager: object
-    configuration_manager: object
+    plans_manager: Any  # nnU-Net's PlansManager
+    configuration_manager: Any  # nnU-Net's ConfigurationManager
     dataset_json: dict
     stamp: str
 
@@ -301,8 +299,8 @@ def read_manifest(unlabeled_folder: Path) -> dict | None:
 class _Target:
     """One output folder: a configuration's plans and where its unlabelled cases go."""
     configuration: str
-    plans_manager: object
-    configuration_manager: object
+    plans_manager: Any  # nnU-Net's PlansManager
+    configuration_manager: Any  # nnU-Net's ConfigurationManager
     folder: Path
     stamp: str
 
@@ -392,9 +390,9 @@ def preprocess_unlabeled(dataset: int | str, configurations: Sequence[str], plan
                          raw_dataset)
         targets.setdefault(target.folder.name, target)  # e.g. 3d_cascade_fullres shares 3d_fullres' folder
     pending = {case.identifier: case for target in targets.values() for case in _todo(target, cases, overwrite)}
-    first = next(iter(targets.values()))
+    first_target = next(iter(targets.values()))
     check_unlabeled_images(sorted(pending.values(), key=lambda c: c.identifier), raw_dataset, dataset_json,
-                           preprocessed_dataset / first.configuration_manager.data_identifier)
+                           preprocessed_dataset / first_target.configuration_manager.data_identifier)
     return [_preprocess_target(target, cases, plans_identifier, dataset_json, num_processes, overwrite)
             for target in targets.values()]
 
@@ -429,42 +427,25 @@ def _preprocess_target(target: _Target, cases: list[UnlabeledCase], plans_identi
 
 
 def _run_jobs(jobs: list[_Job], num_processes: int) -> list[str]:
-    """Stage every case (in worker processes when asked) and move each into place as it is ready."""
+    """Stage every case (in ``num_processes`` worker processes, :func:`nnunet_ext.parallel.imap`: spawned as
+    nnU-Net's preprocessing, Ctrl-C handled here) and move each into place as it is ready; a progress bar
+    on a terminal, one line per case otherwise."""
     done: list[str] = []
-
-    def place(job: _Job, staging: Path) -> None:
-        _place_case(job, staging)
-        done.append(job.case.identifier)
-        print(f"  [{len(done)}/{len(jobs)}] {job.case.identifier}", flush=True)
-
-    if num_processes <= 1 or len(jobs) <= 1:
-        for job in jobs:
-            place(job, _stage_case(job)[1])
-        return done
     by_identifier = {job.case.identifier: job for job in jobs}
-    with _children_ignore_ctrl_c():  # Ctrl-C is the main process's to handle: no traceback per worker
-        pool = multiprocessing.get_context("spawn").Pool(num_processes)  # spawn, as nnU-Net's preprocessing
     try:
-        with pool:  # leaving it terminates the workers, also on Ctrl-C
-            for identifier, staging in pool.imap_unordered(_stage_case, jobs):
-                place(by_identifier[identifier], staging)
+        # closing: Ctrl-C stops the worker processes at once, not when the generator is collected
+        with contextlib.closing(imap(_stage_case, jobs, num_processes, ordered=False)) as staged, \
+                progress(total=len(jobs), desc="preprocessing unlabelled cases") as bar:
+            for identifier, staging in staged:
+                _place_case(by_identifier[identifier], staging)
+                done.append(identifier)
+                if bar.disable:  # no terminal: a line per case for the log
+                    print(f"  [{len(done)}/{len(jobs)}] {identifier}", flush=True)
+                bar.update()
     finally:
-        atomic_io.remove_stale_temporaries(jobs[0].output_folder.parent)  # staging folders of ended workers
+        if num_processes > 1 and len(jobs) > 1:
+            atomic_io.remove_stale_temporaries(jobs[0].output_folder.parent)  # staging folders of ended workers
     return done
-
-
-@contextlib.contextmanager
-def _children_ignore_ctrl_c():
-    """Processes started inside inherit an ignored SIGINT (it survives exec); the main process's handler
-    is back afterwards. Only the main thread can change it; elsewhere nothing changes."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def _listed_cases(manifest: Path) -> set[str]:

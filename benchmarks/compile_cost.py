@@ -1,0 +1,153 @@
+"""Eager vs ``torch.compile`` (issue 20's measure): one training-mode forward + backward of every
+registered network, as a ratio measured in one run on one device.
+
+Per network (``nnunet_ext.architectures.NETWORKS``): the small variant of
+``nnunet_ext.testing.networks`` on its small input (default; a CPU measures it in seconds), or with
+``--paper`` the paper network on its paper patch, batch 2 (for a GPU). The compiled arm is
+``torch.compile(network)`` with nnU-Net's choice of backend (inductor, the default) or ``--backend``;
+its first call (compilation) is timed separately and not counted in the steps. Both arms run in
+alternation, best of ``--repeats`` rounds of ``--steps`` steps each, so that other load on a shared
+machine hits them alike. Graph breaks are counted with ``torch._dynamo.explain``.
+
+Usage: ``python benchmarks/compile_cost.py [--device cpu|cuda] [--paper] [--networks CoTr ...]
+[--repeats 3] [--steps 3] [--backend inductor] [--json out.json]``. Prints a markdown table and
+one JSON line. Runs unchanged on CUDA (default device there), with autocast as nnU-Net trains.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from nnunet_ext.architectures import NETWORKS, paper_network
+from nnunet_ext.testing.networks import PAPER_INPUT_SHAPES, PAPER_TASKS, small_network
+
+
+def tensors(output) -> list[torch.Tensor]:
+    if isinstance(output, torch.Tensor):
+        return [output]
+    return [t for item in output for t in tensors(item)]
+
+
+def build(name: str, conventions: str, paper: bool, device: torch.device) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The network in training mode on ``device``, its task set, and an input for it."""
+    if paper:
+        network = paper_network(name, conventions)
+        if name in PAPER_TASKS:
+            network.set_task(PAPER_TASKS[name])
+        x = torch.randn(PAPER_INPUT_SHAPES[name])
+    else:
+        network, x = small_network(name, conventions)
+    return network.to(device).train(), x.to(device)
+
+
+def step_function(network: torch.nn.Module, run: Callable, x: torch.Tensor) -> Callable[[], None]:
+    """One forward (``run``: the network or its compiled form) and backward of the outputs' mean."""
+    autocast = torch.autocast(x.device.type, enabled=x.device.type == "cuda")  # as nnU-Net trains
+
+    def step() -> None:
+        with autocast:
+            loss = sum(o.float().mean() for o in tensors(run(x)))
+        network.zero_grad(set_to_none=True)
+        loss.backward()
+
+    return step
+
+
+def timed(step: Callable[[], None], device: torch.device, steps: int) -> float:
+    """Seconds per step over ``steps`` steps."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / steps
+
+
+def alternating_best(arms: dict[str, Callable[[], None]], device: torch.device, repeats: int,
+                     steps: int) -> dict[str, float]:
+    """Best seconds per step of each arm, the arms measured in turn in every round."""
+    best = {name: float("inf") for name in arms}
+    for _ in range(repeats):
+        for name, step in arms.items():
+            best[name] = min(best[name], timed(step, device, steps))
+    return best
+
+
+def graph_breaks(network: torch.nn.Module, x: torch.Tensor) -> int:
+    torch._dynamo.reset()
+    return torch._dynamo.explain(network)(x).graph_break_count
+
+
+def measure(name: str, args: argparse.Namespace, device: torch.device) -> dict:
+    eager, x = build(name, "default", args.paper, device)
+    breaks = graph_breaks(copy.deepcopy(eager), x)
+    torch._dynamo.reset()
+    compiled_network = copy.deepcopy(eager)
+    compiled = step_function(compiled_network, torch.compile(compiled_network, backend=args.backend), x)
+    start = time.perf_counter()
+    compiled()  # compiles forward and backward
+    compile_seconds = time.perf_counter() - start
+    step_eager = step_function(eager, eager, x)
+    step_eager()  # warm-up
+    best = alternating_best({"eager": step_eager, "compiled": compiled}, device, args.repeats, args.steps)
+    return {"network": name, "input": list(x.shape), "graph_breaks": breaks, "compile_s": round(compile_seconds, 2),
+            "eager_s": best["eager"], "compiled_s": best["compiled"],
+            "speed-up": round(best["eager"] / best["compiled"], 3)}
+
+
+def common_arguments(parser: argparse.ArgumentParser, networks: list[str]) -> None:
+    """The options of this benchmark and of ``conventions_cost.py``."""
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--paper", action="store_true", help="paper networks on their paper patch (GPU)")
+    parser.add_argument("--networks", nargs="+", default=networks, choices=networks)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's)")
+    parser.add_argument("--json", type=Path, default=None)
+
+
+def parse_and_measure(parser: argparse.ArgumentParser, measure: Callable) -> tuple[argparse.Namespace, torch.device,
+                                                                              list[dict]]:
+    """Parse the options and run ``measure(name, args, device)`` for every network asked for."""
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    return args, device, [measure(name, args, device) for name in args.networks]
+
+
+def report(args: argparse.Namespace, device: torch.device, header: str, lines: list[str], rows: list[dict],
+           **extra) -> None:
+    """Print the markdown table and the JSON line; write the JSON to ``--json``."""
+    columns = header.count("|") - 1
+    print("\n".join([header, "|" + "---|" * columns, *lines]))
+    result = {"device": str(device), "paper": args.paper, "torch": torch.__version__,
+              "threads": torch.get_num_threads(), **extra, "networks": rows}
+    print(json.dumps(result))
+    if args.json:
+        from nnunet_ext.atomic_io import write_json
+
+        write_json(args.json, result)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    common_arguments(parser, list(NETWORKS))
+    parser.add_argument("--backend", default="inductor")
+    args, device, rows = parse_and_measure(parser, measure)
+    lines = [f"| {r['network']} | {'x'.join(map(str, r['input']))} | {r['graph_breaks']} | {r['compile_s']} | "
+             f"{r['eager_s']:.4f} | {r['compiled_s']:.4f} | {r['speed-up']} |" for r in rows]
+    report(args, device, "| network | input | graph breaks | compile (s) | eager (s/step) | compiled (s/step) | "
+           "speed-up |", lines, rows, backend=args.backend)
+
+
+if __name__ == "__main__":
+    main()

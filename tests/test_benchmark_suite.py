@@ -1,0 +1,117 @@
+"""The benchmark suite (benchmarks/suite.py): its options, its report (ratios, markdown, JSON) and one
+measured trainer row on the session's tiny dataset, in-process. The measured numbers are not checked
+(benchmarks are not timed tests); that they exist and are divided by the right baseline is."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import suite  # noqa: E402
+from suite_report import add_ratios, write_report  # noqa: E402
+
+
+def test_presets_and_overrides():
+    quick = suite.parse_args(["--quick"])
+    assert (quick.iterations, quick.rounds, quick.compile, quick.sam_model_type) == (2, 1, False, "tiny")
+    full = suite.parse_args([])
+    assert (full.iterations, full.compile, full.sam_model_type) == (10, True, "vit_b")
+    assert full.preset.plain.shape == (64, 160, 160)
+    custom = suite.parse_args(["--quick", "--compile", "--iterations", "5", "--trainers", "UniSegTrainer",
+                               "--no-mirroring", "--out", "x/y"])
+    assert (custom.iterations, custom.compile, custom.trainers, custom.no_mirroring, custom.out) == \
+        (5, True, ["UniSegTrainer"], True, "x/y")
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--trainers", "UniSegTrainr"], "Unknown trainer 'UniSegTrainr'. Did you mean: UniSegTrainer"),
+    (["--iterations", "0"], "--iterations must be at least 1"),
+    (["--compile", "--no-compile"], "not allowed with argument"),
+])
+def test_bad_arguments_are_refused_with_one_line(arguments, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        suite.parse_args(arguments)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_every_registered_trainer_gets_data_of_its_kind():
+    kinds = {name: suite.trainer_kind(path) for name, path in suite.registered_trainers().items()}
+    assert kinds["UniSegTrainer"] == kinds["TransDoDNetTrainer"] == kinds["nnUNetUniversalTrainer"] == "universal"
+    assert kinds["MCNetPlusTrainer"] == kinds["LeFeDTrainer"] == "semi"
+    assert kinds["ClassSAMTrainer"] == "class_sam"
+    assert kinds["CoTrTrainer"] == kinds["nnUNetExtTrainer"] == "single"
+
+
+def _report() -> dict:
+    def row(trainer, group, baseline, eager, compiled=None):
+        return {"trainer": trainer, "path": f"m:{trainer}", "group": group, "baseline": baseline, "eager": eager,
+                "compiled": compiled or {}}
+
+    settings = {"preset": "quick", "iterations": 2, "rounds": 1, "memory_steps": 2, "cases": 1, "compile": True,
+                "mirroring": True, "memory_measure": "peak RSS growth"}
+    return {"device": {"label": "CPU: Test CPU, 2 cores"}, "versions": {"torch": "9.9", "nnunetv2": "2.8.1"},
+            "settings": settings, "command": "python benchmarks/suite.py --quick", "created": "today",
+            "status": "complete",
+            "groups": {"g": {"description": "plain", "configuration": "3d_fullres", "cases": "6/2",
+                             "shape": [16, 40, 40], "baseline": "nnUNetTrainer"}},
+            "rows": [row("nnUNetTrainer", "g", True, {"epoch_s": 2.0, "peak_memory_gb": 0.0, "predict_s_per_case": 4.0,
+                                                      "patch_size": [16, 40, 40], "patches_per_iteration": 2},
+                         {"epoch_s": 1.0, "compile": "forced on CPU"}),
+                     row("SlowTrainer", "g", False, {"epoch_s": 5.0, "peak_memory_gb": 1.5, "predict_s_per_case": 2.0},
+                         {"error": "BackendCompilerFailed: boom | bang", "compile": "forced on CPU"})]}
+
+
+def test_ratios_divide_by_the_groups_baseline_and_by_eager():
+    rows = add_ratios(_report())["rows"]
+    assert rows[0]["ratios"]["epoch_vs_baseline"] == 1.0
+    assert rows[0]["ratios"]["compiled_epoch_vs_eager"] == 0.5
+    slow = rows[1]["ratios"]
+    assert (slow["epoch_vs_baseline"], slow["predict_vs_baseline"]) == (2.5, 0.5)
+    assert slow["memory_vs_baseline"] is None  # a baseline of 0 (CPU peak RSS growth) divides nothing
+    assert slow["compiled_epoch_vs_eager"] is None
+
+
+def test_report_is_written_as_markdown_and_json(tmp_path):
+    markdown_path, json_path = write_report(_report(), tmp_path / "results" / "cpu-quick")
+    assert (markdown_path.name, json_path.name) == ("cpu-quick.md", "cpu-quick.json")
+    text = markdown_path.read_text()
+    assert text.startswith("# nnunet-ext benchmark suite: CPU: Test CPU, 2 cores")
+    assert "torch 9.9, nnunetv2 2.8.1" in text and "`python benchmarks/suite.py --quick`" in text
+    assert "| SlowTrainer | g | - | 5.000 | 2.50x | 1.500 | - | 2.000 | 0.50x | - |" in text
+    assert "| nnUNetTrainer | g | forced on CPU | 2.000 | 1.000 | 0.50x |" in text
+    assert "BackendCompilerFailed: boom / bang" in text  # the failure is a row, the table stays a table
+    assert json.loads(json_path.read_text())["rows"][1]["ratios"]["epoch_vs_baseline"] == 2.5
+
+
+def test_one_trainer_row_is_measured_on_tiny_shapes(nnunet_root, tmp_path):
+    """nnUNetExtTrainer against nnUNetTrainer on the session's dataset: training epochs, peak memory
+    (meaningless in-process, but present), inference; all in this process (the suite uses children)."""
+    env = {**suite._run_env(nnunet_root), "nnUNet_results": str(tmp_path / "results")}
+    trainer = suite.registered_trainers()["nnUNetExtTrainer"]
+    group = suite.Group("plain-3d", "harness", str(nnunet_root.preprocessed / nnunet_root.dataset_name),
+                        str(nnunet_root.dataset_raw / "imagesTs"), "3d_fullres", (suite.BASELINE, trainer), env,
+                        "6/2", (16, 40, 40))
+    args = suite.parse_args(["--quick", "--iterations", "1", "--memory-steps", "1", "--no-mirroring"])
+    report = suite.new_report(args, suite.device_info("cpu"), ["--quick"])
+    report["groups"]["plain-3d"] = {"description": "harness", "configuration": "3d_fullres", "cases": "6/2",
+                                    "shape": [16, 40, 40], "baseline": "nnUNetTrainer"}
+    run = suite.Suite(report, tmp_path / "out" / "cpu", tmp_path / "work", "cpu", None, inline=True)
+    run.measure(group, "eager", report["settings"])
+    baseline, row = report["rows"]
+    assert (baseline["trainer"], row["trainer"]) == ("nnUNetTrainer", "nnUNetExtTrainer")
+    for measured in (baseline["eager"], row["eager"]):
+        assert "error" not in measured, measured
+        assert measured["epoch_s"] > 0 and measured["predict_s_per_case"] > 0 and measured["peak_memory_gb"] >= 0
+        assert measured["patch_size"] == [16, 40, 40] and measured["patches_per_iteration"] == 2
+    assert row["ratios"]["epoch_vs_baseline"] == pytest.approx(row["eager"]["epoch_s"] / baseline["eager"]["epoch_s"],
+                                                                abs=1e-3)
+    assert "model_folder" not in row["eager"]  # temporary paths stay out of the report
+    table = (tmp_path / "out" / "cpu.md").read_text()
+    assert "| nnUNetExtTrainer | plain-3d | 16x40x40 x 2 |" in table
+    assert len(list((tmp_path / "work" / "predictions" / "plain-3d" / "eager").glob("model*/*.nii.gz"))) == 2
