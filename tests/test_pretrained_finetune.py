@@ -455,7 +455,7 @@ def test_banet_model_folder_from_imported_weights_predicts_with_nnunetv2_predict
     assert outcome.returncode == 0, outcome.output
     output = tmp_path / "predictions"
     run_stock(["nnUNetv2_predict_from_modelfolder", "-i", nnunet_root.dataset_raw / "imagesTs", "-o", output,
-               "-m", folder, "-f", 0, "-device", "cpu", "-npp", 1, "-nps", 1, "--disable_progress_bar"],
+               "-m", folder, "-f", 0, "-device", "cpu", "-npp", 1, "-nps", 1, "--disable_progress_bar", "--disable_tta"],
               nnunet_root.env())
     cases = sorted(p.name for p in (nnunet_root.dataset_raw / "labelsTs").iterdir())
     assert sorted(p.name for p in output.glob("*.nii.gz")) == cases
