@@ -6,7 +6,8 @@ conventions or in the official implementation's (``"official"``: the choices tha
 official weights load; the same network where ours already is the official one). Tests and
 ``benchmarks/params.py`` are parametrised over it: every registered network, in both
 conventions, is checked for its exact parameter count (``tests/test_conventions.py``) and, on a
-small variant of the same class with the same convention keywords
+small variant of the same class with the same convention keywords (in each convention that
+builds another network)
 (``nnunet_ext.testing.networks``), for output shapes and a finite gradient reaching every
 trainable parameter (``tests/test_registry.py``) and for ``torch.compile`` (``tests/test_compile.py``).
 A new network needs its registry entry and one small-variant line. Builders are imported on

@@ -84,7 +84,8 @@ class Workers:
     def imap(self, func: Callable[[Any], T], jobs: Sequence[Any], *, ordered: bool = True,
              chunksize: int = 1) -> Generator[T, None, None]:
         """``func(job)`` for every job, in the workers (``func`` and the jobs must then be picklable) or, with one
-        process or one job, here. An exception of a job is raised here, with its type."""
+        process or one job, here. An exception of a job is raised here, with its type; then, as when the
+        generator is closed before its end, the workers are stopped at once (a later call starts new ones)."""
         if self.num_processes <= 1 or len(jobs) <= 1:
             yield from map(func, jobs)
             return
@@ -93,7 +94,11 @@ class Workers:
                 self._pool = multiprocessing.get_context("spawn").Pool(min(self.num_processes, len(jobs)),
                                                                        initializer=_ignore_ctrl_c)
         mapper = self._pool.imap if ordered else self._pool.imap_unordered
-        yield from mapper(func, jobs, chunksize=chunksize)
+        try:
+            yield from mapper(func, jobs, chunksize=chunksize)
+        except BaseException:  # a job's error, Ctrl-C, or the caller stopped early (GeneratorExit)
+            self.close()  # stop the jobs still running before the caller cleans up after them
+            raise
 
 
 def imap(func: Callable[[Any], T], jobs: Sequence[Any], num_processes: int = 1, *, ordered: bool = True,

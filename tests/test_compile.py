@@ -5,7 +5,7 @@ decoder (before, CoTr had 14 breaks and TransDoDNet 23, from reading level shape
 testing padding masks in Python) - traced by dynamo only, no code generated.
 
 Slow run (``-m slow``): every registered network's small variant (``nnunet_ext.testing.networks``,
-both conventions) compiled with inductor (aot_eager without a C++ compiler), one training-mode
+in each convention that builds another network) compiled with inductor (aot_eager without a C++ compiler), one training-mode
 forward and backward equal to eager's within float tolerance, with the same dropout masks
 (inductor's ``fallback_random``), and no graph break.
 """
@@ -17,9 +17,7 @@ import shutil
 import pytest
 import torch
 
-from nnunet_ext.architectures import NETWORKS
-from nnunet_ext.registry import CONVENTIONS
-from nnunet_ext.testing.networks import small_network
+from nnunet_ext.testing.networks import distinct_conventions, small_network
 
 
 @pytest.fixture(autouse=True)
@@ -65,8 +63,7 @@ def fwd_bwd(network: torch.nn.Module, x: torch.Tensor, run=None) -> tuple[list, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("conventions", CONVENTIONS)
-@pytest.mark.parametrize("name", NETWORKS)
+@pytest.mark.parametrize("name, conventions", distinct_conventions())
 def test_compiled_training_step_equals_eager(name, conventions):
     import torch._inductor.config as inductor_config
 

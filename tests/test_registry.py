@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from nnunet_ext.architectures import NETWORKS, paper_network
-from nnunet_ext.registry import (CONVENTIONS, METHODS, class_name, import_object, paper_networks, planner_paths,
+from nnunet_ext.registry import (METHODS, class_name, import_object, paper_networks, planner_paths,
                                  trainer_paths, unknown_name_message)
-from nnunet_ext.testing.networks import SMALL_NETWORKS, small_network
+from nnunet_ext.testing.networks import SMALL_NETWORKS, distinct_conventions, small_network
 
 
 def test_registered_names_are_unique_and_import():
@@ -75,8 +75,7 @@ def tensors(output) -> list:
     return [t for item in output for t in tensors(item)]
 
 
-@pytest.mark.parametrize("conventions", CONVENTIONS)
-@pytest.mark.parametrize("name", NETWORKS)
+@pytest.mark.parametrize("name, conventions", distinct_conventions())
 def test_shapes_and_gradients(name, conventions, one_thread):
     """Training-mode forward and backward of each registered network's small variant
     (nnunet_ext.testing.networks, the registry's convention keywords): the first output has the

@@ -268,8 +268,8 @@ def check_sources(plan: MergePlan, workers: Workers | None = None) -> None:
     found: dict[str, list] = {source.name: [] for source in plan.sources}
     # closing: the generator ends at once on an error or Ctrl-C (the workers stop with their with block)
     with contextlib.closing(workers.imap(check_case_files, [check for _, check in checks])) as infos:
-        for (source, _), info in zip(checks, progress(infos, total=len(checks), desc="checking sources")):
-            found[source.name].append(info)
+        for info, (source, _) in zip(progress(infos, total=len(checks), desc="checking sources"), checks):
+            found[source.name].append(info)  # (infos first: the generator runs to its end, workers kept)
     dims = {source.name: dimensionality(source, found[source.name]) for source in plan.sources}
     if len(set(dims.values())) > 1:
         described = ", ".join(f"{name} is {d}D" for name, d in dims.items())
@@ -328,11 +328,17 @@ def _run_jobs(plan: MergePlan, folder: Path, jobs: Sequence[_Job], copy: bool, r
                 result.linked += placed == "linked"
                 result.copied += placed == "copied"
                 bar.update()
-        with contextlib.closing(workers.imap(_write_file, written, ordered=False)) as kinds:
-            for kind in kinds:
-                result.padded += kind == "pad"
-                result.labels += kind == "label"
-                bar.update()
+        try:
+            with contextlib.closing(workers.imap(_write_file, written, ordered=False)) as kinds:
+                for kind in kinds:
+                    result.padded += kind == "pad"
+                    result.labels += kind == "label"
+                    bar.update()
+        except BaseException:  # Ctrl-C or an error: the workers are stopped; remove what they left half-written
+            workers.close()
+            for sub in ("imagesTr", "labelsTr", "imagesTs"):
+                atomic_io.remove_stale_temporaries(folder / sub)
+            raise
 
 
 def _intact(job: _Job, target: Path) -> bool:

@@ -110,6 +110,13 @@ PAPER_INPUT_SHAPES: dict[str, tuple[int, ...]] = {
 PAPER_TASKS: dict[str, int] = {"UniSeg": 0, "DoDNet": 0, "TransDoDNet": 0}  # set before a forward pass
 
 
+def distinct_conventions() -> list[tuple[str, str]]:
+    """(network, conventions) for every registered network in each convention that builds another
+    network: "official" only where the registry gives official keywords."""
+    return [(name, conventions) for name, entry in paper_networks().items() for conventions in CONVENTIONS
+            if conventions == "default" or entry.official_kwargs]
+
+
 def small_network(name: str, conventions: str = "default", seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
     """The small variant of registered network ``name`` in ``conventions`` (the registry's
     ``official_kwargs``), seeded, its task set where it has tasks, and an input for it."""
