@@ -89,29 +89,47 @@ def test_report_is_written_as_markdown_and_json(tmp_path):
     assert json.loads(json_path.read_text())["rows"][1]["ratios"]["epoch_vs_baseline"] == 2.5
 
 
-def test_one_trainer_row_is_measured_on_tiny_shapes(nnunet_root, tmp_path):
-    """nnUNetExtTrainer against nnUNetTrainer on the session's dataset: training epochs, peak memory
-    (meaningless in-process, but present), inference; all in this process (the suite uses children)."""
-    env = {**suite._run_env(nnunet_root), "nnUNet_results": str(tmp_path / "results")}
-    trainer = suite.registered_trainers()["nnUNetExtTrainer"]
-    group = suite.Group("plain-3d", "harness", str(nnunet_root.preprocessed / nnunet_root.dataset_name),
-                        str(nnunet_root.dataset_raw / "imagesTs"), "3d_fullres", (suite.BASELINE, trainer), env,
-                        "6/2", (16, 40, 40))
+def _measure(root, tmp_path: Path, names: tuple[str, ...]) -> dict:
+    """The suite's eager measurements of ``names`` (trainer paths) on the session's dataset, in this process
+    (the suite uses fresh processes): training epochs of 1 iteration, peak memory (meaningless in-process,
+    but present), inference of 1 case without mirroring."""
+    env = {**suite._run_env(root), "nnUNet_results": str(tmp_path / "results")}
+    group = suite.Group("plain-3d", "harness", str(root.preprocessed / root.dataset_name),
+                        str(root.dataset_raw / "imagesTs"), "3d_fullres", names, env, "6/2", (16, 40, 40))
     args = suite.parse_args(["--quick", "--iterations", "1", "--memory-steps", "1", "--no-mirroring"])
     report = suite.new_report(args, suite.device_info("cpu"), ["--quick"])
     report["groups"]["plain-3d"] = {"description": "harness", "configuration": "3d_fullres", "cases": "6/2",
                                     "shape": [16, 40, 40], "baseline": "nnUNetTrainer"}
     run = suite.Suite(report, tmp_path / "out" / "cpu", tmp_path / "work", "cpu", None, inline=True)
     run.measure(group, "eager", report["settings"])
+    return report
+
+
+def _check_measured(row: dict) -> None:
+    measured = row["eager"]
+    assert "error" not in measured and "skipped" not in measured, measured
+    assert measured["epoch_s"] > 0 and measured["predict_s_per_case"] > 0 and measured["peak_memory_gb"] >= 0
+    assert measured["patch_size"] == [16, 40, 40] and measured["patches_per_iteration"] == 2
+    assert "model_folder" not in measured  # temporary paths stay out of the report
+
+
+def test_one_trainer_row_is_measured_on_tiny_shapes(nnunet_root, tmp_path):
+    report = _measure(nnunet_root, tmp_path, (suite.registered_trainers()["nnUNetExtTrainer"],))
+    (row,) = report["rows"]
+    assert row["trainer"] == "nnUNetExtTrainer"
+    _check_measured(row)
+    assert "| nnUNetExtTrainer | plain-3d | 16x40x40 x 2 |" in (tmp_path / "out" / "cpu.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_trainer_is_measured_against_nnunet_trainer(nnunet_root, tmp_path):
+    report = _measure(nnunet_root, tmp_path, (suite.BASELINE, suite.registered_trainers()["nnUNetExtTrainer"]))
     baseline, row = report["rows"]
-    assert (baseline["trainer"], row["trainer"]) == ("nnUNetTrainer", "nnUNetExtTrainer")
-    for measured in (baseline["eager"], row["eager"]):
-        assert "error" not in measured, measured
-        assert measured["epoch_s"] > 0 and measured["predict_s_per_case"] > 0 and measured["peak_memory_gb"] >= 0
-        assert measured["patch_size"] == [16, 40, 40] and measured["patches_per_iteration"] == 2
+    assert (baseline["trainer"], row["trainer"], baseline["baseline"]) == ("nnUNetTrainer", "nnUNetExtTrainer", True)
+    for measured in (baseline, row):
+        _check_measured(measured)
     assert row["ratios"]["epoch_vs_baseline"] == pytest.approx(row["eager"]["epoch_s"] / baseline["eager"]["epoch_s"],
                                                                 abs=1e-3)
-    assert "model_folder" not in row["eager"]  # temporary paths stay out of the report
-    table = (tmp_path / "out" / "cpu.md").read_text()
-    assert "| nnUNetExtTrainer | plain-3d | 16x40x40 x 2 |" in table
+    assert row["ratios"]["predict_vs_baseline"] == pytest.approx(
+        row["eager"]["predict_s_per_case"] / baseline["eager"]["predict_s_per_case"], abs=1e-3)
     assert len(list((tmp_path / "work" / "predictions" / "plain-3d" / "eager").glob("model*/*.nii.gz"))) == 2
