@@ -40,6 +40,7 @@ from typing import Any, Callable, Generator, Iterable, Sequence
 import numpy as np
 
 from nnunet_ext import atomic_io, raw_dataset
+from nnunet_ext.image_io import ImageHeader
 from nnunet_ext.errors import UserFacingError
 
 FILE_ENDING = ".nii.gz"
@@ -134,15 +135,9 @@ class ConversionSummary:
 
 
 @dataclass(frozen=True)
-class Geometry:
-    """Header of an image file: read without loading voxels (SimpleITK ReadImageInformation)."""
-
-    size: tuple[int, ...]
-    spacing: tuple[float, ...]
-    origin: tuple[float, ...]
-    direction: tuple[float, ...]
-    pixel_type: str
-    components: int
+class Geometry(ImageHeader):
+    """Header of an image file (:class:`nnunet_ext.image_io.ImageHeader`, read without loading voxels)
+    that can say how another file's grid differs from it."""
 
     def mismatch(self, other: "Geometry", dims: int | None = None) -> str:
         """Empty if ``other`` has the same grid (first ``dims`` axes), else what differs.
