@@ -359,6 +359,7 @@ class Suite:
         env = {**group.env, "nnUNet_compile": "t" if compiled else "f"}
         if self._late():
             self._skip(rows.values(), mode, "training")
+            self.save()
             return
         trained = self._run(suite_workers.train_epochs,
                             (list(group.trainers), group.dataset_folder, group.configuration, self.device,

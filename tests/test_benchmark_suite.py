@@ -133,3 +133,17 @@ def test_a_trainer_is_measured_against_nnunet_trainer(nnunet_root, tmp_path):
     assert row["ratios"]["predict_vs_baseline"] == pytest.approx(
         row["eager"]["predict_s_per_case"] / baseline["eager"]["predict_s_per_case"], abs=1e-3)
     assert len(list((tmp_path / "work" / "predictions" / "plain-3d" / "eager").glob("model*/*.nii.gz"))) == 2
+
+
+def test_nothing_starts_after_the_time_limit_and_the_table_says_so(tmp_path):
+    group = suite.Group("plain-3d", "harness", str(tmp_path / "none"), str(tmp_path / "none"), "3d_fullres",
+                        (suite.BASELINE,), {}, "6/2", (16, 40, 40))
+    report = suite.new_report(suite.parse_args(["--quick"]), suite.device_info("cpu"), ["--quick"])
+    report["groups"]["plain-3d"] = {"description": "harness", "configuration": "3d_fullres", "cases": "6/2",
+                                    "shape": [16, 40, 40], "baseline": "nnUNetTrainer"}
+    run = suite.Suite(report, tmp_path / "cpu", tmp_path / "work", "cpu", deadline=0.0, inline=True)
+    run.measure(group, "eager", report["settings"])
+    (row,) = report["rows"]
+    assert row["eager"] == {"skipped": "training: time limit reached"}
+    assert "| nnUNetTrainer | plain-3d | - | - | - | - | - | - | - | training: time limit reached |" in \
+        (tmp_path / "cpu.md").read_text()

@@ -25,10 +25,10 @@ class SmallNetwork:
     task: int | None = None  # set_task before the forward (task-conditioned networks)
 
 
-def _plain_unet(n_stages: int = 4, widths=(8, 16, 24, 32)) -> dict:
-    """nnU-Net PlainConvUNet keywords: 3D, first kernel (1, 3, 3), first pooling (1, 2, 2)."""
+def _plain_unet(first_kernel: tuple[int, int, int], n_stages: int = 4, widths=(8, 16, 24, 32)) -> dict:
+    """nnU-Net PlainConvUNet keywords: 3D, first pooling (1, 2, 2), 3x3x3 kernels after the first."""
     return dict(n_stages=n_stages, features_per_stage=list(widths[:n_stages]), conv_op=nn.Conv3d,
-                kernel_sizes=[[1, 3, 3]] + [[3, 3, 3]] * (n_stages - 1),
+                kernel_sizes=[list(first_kernel)] + [[3, 3, 3]] * (n_stages - 1),
                 strides=[[1, 1, 1], [1, 2, 2]] + [[2, 2, 2]] * (n_stages - 2), n_conv_per_stage=2,
                 n_conv_per_stage_decoder=2, conv_bias=True, norm_op=nn.InstanceNorm3d,
                 norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=nn.LeakyReLU,
@@ -45,7 +45,8 @@ def _cotr(**kwargs) -> nn.Module:
 def _banet(**kwargs) -> nn.Module:
     from nnunet_ext.architectures.banet import BANet
 
-    return BANet(input_channels=1, num_classes=3, deep_supervision=True, **_plain_unet(), **kwargs)
+    # isotropic kernels, as the paper's (KiPA22) topology: the conventions differ by the decoder biases
+    return BANet(input_channels=1, num_classes=3, deep_supervision=True, **_plain_unet((3, 3, 3)), **kwargs)
 
 
 def _uniseg(**kwargs) -> nn.Module:
@@ -53,7 +54,7 @@ def _uniseg(**kwargs) -> nn.Module:
 
     return UniSeg(4, num_classes=3, deep_supervision=True, patch_size=[8, 32, 32], task_channels=[1, 4, 2],
                   annotated_classes=[[True, True, False], [True, False, True], [True, True, True]],
-                  **_plain_unet(), **kwargs)
+                  **_plain_unet((1, 3, 3)), **kwargs)  # the paper's first kernel: the conventions' kernels differ
 
 
 def _mcnet(**kwargs) -> nn.Module:
