@@ -24,7 +24,7 @@ def paper_network(name: str, conventions: str = "default"):
     """Build network ``name`` in its paper configuration (a ``torch.nn.Module``).
 
     ``conventions``: ``"default"`` or ``"official"``; the registry entry's ``official_kwargs`` say
-    which builder keywords the official convention sets (UniSeg, BA-Net: ``conventions``; CoTr,
+    which builder keywords the official convention sets (UniSeg, BA-Net, ClassSAM: ``conventions``; CoTr,
     TransDoDNet: ``axis_order``; none for the networks that equal the official code as they are).
     """
     networks = paper_networks()

@@ -64,12 +64,15 @@ resize of the uint8 image, rounded to uint8, on the CPU) and only then normalise
 default differs twice: its intensities are the fixed z-score map above (SAM then sees a
 contrast-changed frame), and its resize is a float resize (up to one grey level from PIL's uint8
 result on the same frame). The official convention gives SAM exactly the official input, but
-needs the ``rgb_to_0_1`` channel normalisation (dataset.json ``channel_names``), not z-scores; the
-default works on any channels. The official weights (:meth:`ClassSAM.official_key_map`):
-SurgicalSAM's ``model_ckp.pth`` (``prototype_prompt_encoder_state_dict``,
-``sam_decoder_state_dict``, ``prototypes_state_dict``, flattened with those names as prefixes) plus
-the SAM checkpoint's ``image_encoder.*`` and ``prompt_encoder.pe_layer.*``, which SurgicalSAM keeps
-frozen and does not save.
+needs the ``rgb_to_0_1`` channel normalisation (dataset.json ``channel_names``), not z-scores
+(``ClassSAMTrainer`` refuses plans that normalise the channels SAM sees otherwise); the default
+works on any channels. The PIL resize runs on the CPU (a round trip from a GPU) and is one
+``torch.compiler.disable``'d call (:func:`resize_longest_side`).
+
+The official weights (:meth:`ClassSAM.official_key_map`): SurgicalSAM's ``model_ckp.pth``
+(``prototype_prompt_encoder_state_dict``, ``sam_decoder_state_dict``, ``prototypes_state_dict``,
+flattened with those names as prefixes) plus the SAM checkpoint's ``image_encoder.*`` and
+``prompt_encoder.pe_layer.*``, which SurgicalSAM keeps frozen and does not save.
 
 Weights: the constructor initialises randomly (no download, no checkpoint needed);
 :func:`load_sam_checkpoint` loads an official SAM checkpoint (``sam_vit_h_4b8939.pth``, ...) with
@@ -163,6 +166,17 @@ def sam_frame(height: int, width: int, image_size: int) -> tuple[int, int]:
     """Size of a ``height x width`` image after SAM's resize of the longest side to ``image_size``."""
     scale = image_size / max(height, width)
     return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+@torch.compiler.disable  # PIL on the CPU: one graph break under torch.compile, not one per PIL call
+def resize_longest_side(pixels: torch.Tensor, image_size: int) -> torch.Tensor:
+    """segment_anything's ``ResizeLongestSide(image_size).apply_image`` (PIL's antialiased bilinear resize
+    of the uint8 image) on each image of a uint8 batch ``(B, 3, H, W)``; same layout and device back."""
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    resize = ResizeLongestSide(image_size)
+    frames = [torch.from_numpy(resize.apply_image(image)) for image in pixels.permute(0, 2, 3, 1).cpu().numpy()]
+    return torch.stack(frames).permute(0, 3, 1, 2).contiguous().to(pixels.device)
 
 
 def default_channel_indices(input_channels: int) -> tuple[int, int, int]:
@@ -315,15 +329,11 @@ class ClassSAM(OfficialStateDict, nn.Module):
     def official_sam_input(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """SurgicalSAM's ``SamPredictor.set_image``: ``rgb_to_0_1`` channels -> the uint8 frame -> SAM's
         ``ResizeLongestSide`` (PIL, uint8) -> SAM's normalisation and padding."""
-        from segment_anything.utils.transforms import ResizeLongestSide
-
         size = self.spec.image_size
         pixels = (x[:, list(self.channel_indices)].float() * 255).round().clamp(0, 255).to(torch.uint8)
         frame = sam_frame(x.shape[-2], x.shape[-1], size)
         if frame != tuple(x.shape[-2:]):
-            resize = ResizeLongestSide(size)
-            frames = [torch.from_numpy(resize.apply_image(image)) for image in pixels.permute(0, 2, 3, 1).cpu().numpy()]
-            pixels = torch.stack(frames).permute(0, 3, 1, 2).contiguous().to(x.device)  # SAM's layout: same numbers
+            pixels = resize_longest_side(pixels, size)
         image = (pixels.float() - self.pixel_mean) / self.pixel_std
         return F.pad(image, (0, size - frame[1], 0, size - frame[0])), frame
 

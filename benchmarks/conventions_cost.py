@@ -2,8 +2,9 @@
 peak memory of every network that has an official convention, as ratios measured in one run.
 
 The networks whose registry entry sets ``official_kwargs`` (UniSeg and BA-Net: ``conventions``, the
-nnU-Net v1 decoder kernels and bias-free heads; CoTr and TransDoDNet: ``axis_order``, the deformable
-sampling order); the others are one network in both conventions. Each on the small variant of
+nnU-Net v1 decoder kernels and bias-free heads; ClassSAM: ``conventions``, SurgicalSAM's preprocessing
+with PIL's uint8 resize on the CPU; CoTr and TransDoDNet: ``axis_order``, the deformable sampling
+order); the others are one network in both conventions. Each on the small variant of
 ``nnunet_ext.testing.networks`` (default) or, with ``--paper``, the paper network on its paper patch,
 batch 2 (for a GPU).
 
@@ -12,7 +13,8 @@ batch 2 (for a GPU).
   other load on the machine does not change;
 * peak memory of one step: CUDA ``max_memory_allocated`` above what was allocated before it; on a
   CPU, which has no such counter, the peak of the tensor memory the step allocates, counted at
-  PyTorch's dispatcher (:class:`PeakTensorMemory`).
+  PyTorch's dispatcher (:class:`PeakTensorMemory`). Work outside PyTorch (ClassSAM's PIL resize)
+  is in the time only, in neither FLOPs nor memory.
 
 Usage: ``python benchmarks/conventions_cost.py [--device cpu|cuda] [--paper] [--repeats 3] [--steps 3]
 [--json out.json]``. Prints a markdown table (official / default ratios) and one JSON line.

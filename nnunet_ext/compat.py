@@ -41,7 +41,7 @@ def nnunet_version_supported(text: str | None = None) -> bool:
 
 # --- trainers -----------------------------------------------------------------------------------
 
-def base_trainer_class():
+def base_trainer_class() -> type[Any]:
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     return nnUNetTrainer
@@ -94,7 +94,7 @@ def nnunet_trainer_folder() -> Path:
     return Path(nnunetv2.__path__[0]) / "training" / "nnUNetTrainer"
 
 
-def experiment_planner_class():
+def experiment_planner_class() -> type[Any]:
     """nnU-Net's default ``ExperimentPlanner``, the base our method planners subclass."""
     from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
 
@@ -108,7 +108,7 @@ def pad_shape(shape: Sequence[int], must_be_divisible_by: Sequence[int]) -> list
     return [int(edge) for edge in nnunet_pad_shape(shape, must_be_divisible_by)]
 
 
-def soft_dice_loss_class():
+def soft_dice_loss_class() -> type[Any]:
     """nnU-Net's ``MemoryEfficientSoftDiceLoss`` class (softmax Dice, ``apply_nonlin`` and ``do_bg`` options)."""
     from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 
@@ -216,7 +216,8 @@ def check_checkpoint_archive(path: str | os.PathLike) -> None:
         with zipfile.ZipFile(path) as archive:
             for record in archive.infolist():
                 if not record.CRC:
-                    record.CRC = None  # zipfile then skips the comparison for this record
+                    # zipfile then skips the comparison for this record (typeshed types CRC as int only)
+                    record.CRC = None  # type: ignore[assignment]
                 with archive.open(record) as stream:  # zipfile compares the CRC-32 at the end
                     while stream.read(1 << 22):
                         pass
@@ -359,7 +360,7 @@ def nnunet_planner_names() -> list[str]:
     import nnunetv2.experiment_planning.experiment_planners as planners_package
 
     base = default_experiment_planner.ExperimentPlanner
-    names = set()
+    names: set[str] = set()
     for module_info in pkgutil.walk_packages(planners_package.__path__, planners_package.__name__ + "."):
         try:
             module = importlib.import_module(module_info.name)
@@ -409,7 +410,7 @@ def dataset_class_of_folder(folder: str | os.PathLike):
     return infer_dataset_class(os.fspath(folder))
 
 
-def nnunet_base_dataset_class():
+def nnunet_base_dataset_class() -> type[Any]:
     from nnunetv2.training.dataloading.nnunet_dataset import nnUNetBaseDataset
 
     return nnUNetBaseDataset
@@ -431,7 +432,7 @@ def save_case_properties(properties: dict, path: str | os.PathLike) -> None:
     write_with(path, lambda temporary: write_pickle(properties, os.fspath(temporary)))
 
 
-def nnunet_data_loader_class():
+def nnunet_data_loader_class() -> type[Any]:
     """nnU-Net's patch sampler (``nnUNetDataLoader``): crops, foreground oversampling, per-sample transforms."""
     from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 
@@ -615,7 +616,9 @@ def predict_stacked_outputs(predictor, network, block_channels: Sequence[int], i
         iterator = predictor._internal_get_data_iterator_from_lists_of_filenames(
             [list(map(os.fspath, files)) for files in image_files], None, keys, max(1, num_processes_preprocessing))
         with multiprocessing.get_context("spawn").Pool(max(1, num_processes_export)) as pool:
-            workers, pending = list(pool._pool), []
+            # nnU-Net's check_workers_alive_and_busy takes the pool's private worker list (not in typeshed)
+            workers = list(pool._pool)  # type: ignore[attr-defined]
+            pending: list[multiprocessing.pool.AsyncResult] = []
             for item in iterator:
                 while check_workers_alive_and_busy(pool, workers, pending, allowed_num_queued=2 * len(block_json)):
                     sleep(0.1)  # as nnU-Net: bounded memory when prediction outpaces export
@@ -760,7 +763,9 @@ def route_pretrained_weights(loader) -> None:
     def load_pretrained_weights(network, fname, verbose=False):
         return loader(network, fname, verbose, nnunet_loader)
 
-    load_pretrained_weights.nnunet_ext_loader, load_pretrained_weights.nnunet_loader = loader, nnunet_loader
+    # attributes on the function mark it as ours (mypy does not model attributes set on a function)
+    load_pretrained_weights.nnunet_ext_loader = loader  # type: ignore[attr-defined]
+    load_pretrained_weights.nnunet_loader = nnunet_loader  # type: ignore[attr-defined]
     run_training.load_pretrained_weights = load_pretrained_weights
 
 

@@ -17,7 +17,9 @@ nnU-Net's; validation keeps nnU-Net's loader and the live network.
 Layout of a cache for one dataset and configuration, ``<root>/<dataset>/<data_identifier>/``:
 
 * ``encoder.json`` - what every embedding depends on: the encoder's weights (SHA-256 over its
-  state dict), the input transform, patch size, versions, stored dtype and shape;
+  state dict), the input transform (the caller's ``identity``; ClassSAM's names its conventions too,
+  since official and default preprocessing give other embeddings of one patch), patch size,
+  versions, stored dtype and shape;
 * per case ``<case>.json`` (SHA-256 of the preprocessed image and label arrays, number of items,
   which items hold foreground) written last, after ``<case>.emb.npy`` (embeddings, float16,
   ``(items, D, E, E)``) and ``<case>.seg.npy`` (label tiles, int16, ``(items, H, W)``); every file
@@ -45,7 +47,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -266,7 +268,7 @@ class EmbeddingCache:
         for path in self._own_files():
             path.unlink()
 
-    def plan(self, cases: dict[str, tuple[str, Sequence[int]]]) -> CachePlan:
+    def plan(self, cases: Mapping[str, tuple[str, Sequence[int]]]) -> CachePlan:
         """Status of every case (``identifier -> (data digest, data shape)``) and the size check.
 
         Raises for stale or damaged cases (unless ``rebuild``) and when the cache would exceed ``max_bytes``."""

@@ -87,9 +87,12 @@ WRAPPER_PREFIXES: tuple[str, ...] = ("module.", "_orig_mod.")
 def _allowed_globals() -> list:
     """numpy scalars as nnU-Net v1 pickles them (``numpy.core.multiarray.scalar(dtype, bytes)``;
     ``numpy._core`` since numpy 2), ``numpy.dtype`` and the numeric dtype classes their state needs."""
+    import importlib
+
     import numpy as np
 
-    scalar = np._core.multiarray.scalar if hasattr(np, "_core") else np.core.multiarray.scalar
+    scalar = importlib.import_module("numpy._core.multiarray" if hasattr(np, "_core") else
+                                     "numpy.core.multiarray").scalar
     dtypes = {type(np.dtype(code)) for code in ("f2", "f4", "f8", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "?")}
     return [(scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"), np.dtype,
             *sorted(dtypes, key=lambda t: t.__name__)]
@@ -197,14 +200,9 @@ def official_network(name: str):
     import torch
 
     from nnunet_ext.architectures import paper_network
-    from nnunet_ext.registry import import_object, paper_networks
 
     with torch.device("meta"):
-        network = paper_network(name, "official")
-        if getattr(network, "conventions", "official") != "official":
-            # a registry entry whose official_kwargs do not name the builder's ``conventions`` (ClassSAM's)
-            network = import_object(paper_networks()[name].builder)(conventions="official")
-        return network
+        return paper_network(name, "official")
 
 
 @lru_cache(maxsize=None)

@@ -165,11 +165,12 @@ METHODS: tuple[Method, ...] = (
               "github.com/wenxi-yue/SurgicalSAM (SAM: Kirillov et al., Segment Anything, ICCV 2023)",
         trainers=("nnunet_ext.trainers.class_sam:ClassSAMTrainer",),
         # paper None: SurgicalSAM's "about 4.65 M" counts the trainable part only; ours: 4,518,114 trainable
-        # of 641,677,798 (frozen vit_h encoder). The official convention is the same network (SurgicalSAM's
-        # difference is in the preprocessing, not in the network).
+        # of 641,677,798 (frozen vit_h encoder). The official convention has the same layers; it differs in
+        # the preprocessing (SurgicalSAM's uint8 frame and SAM's ResizeLongestSide on rgb_to_0_1 channels).
         networks=(PaperNetwork("ClassSAM", "nnunet_ext.architectures.class_sam:paper_class_sam", None,
                                "SurgicalSAM: vit_h image encoder, 7 classes", parameters=641_677_798,
-                               official_parameters=641_677_798, trainable_parameters=4_518_114),),
+                               official_parameters=641_677_798, trainable_parameters=4_518_114,
+                               official_kwargs=(("conventions", "official"),)),),
         notes="2d configuration: frozen SAM image encoder, prototype-based class prompt encoder (dense + sparse "
               "prompts), fine-tuned SAM mask decoder run once per class, background logit 0; Dice + contrastive "
               "prototype loss; SAM checkpoint from NNUNET_EXT_SAM_CHECKPOINT (never downloaded); optional on-disk "

@@ -178,7 +178,7 @@ def test_nnunet_plans_and_preprocesses_the_converted_region_dataset(tmp_path):
                                env=env, capture_output=True, text=True, timeout=300)
     assert converted.returncode == 0, converted.stdout + converted.stderr
     planned = subprocess.run([stock_command("nnUNetv2_plan_and_preprocess"), "-d", "310", "-c", "3d_fullres",
-                              "--verify_dataset_integrity", "-np", "1"],
+                              "--verify_dataset_integrity", "-np", "1", "-npfp", "1"],
                              env=env, capture_output=True, text=True, timeout=300)
     assert planned.returncode == 0, planned.stdout[-3000:] + planned.stderr[-3000:]
     preprocessed = tmp_path / "nnUNet_preprocessed" / "Dataset310_KiTS21"

@@ -379,6 +379,29 @@ def test_embedding_cache_refuses_stale_data_and_rebuilds_only_on_request(tmp_pat
     assert (tmp_path / "notes.txt").read_text() == "the user's own file"  # only the cache's own files go
 
 
+def test_embedding_cache_of_one_convention_is_not_reused_under_the_other(tmp_path):
+    """Official and default preprocessing give other embeddings of one patch: the cache identity (the
+    trainer's ``embedding_identity``) names the conventions, so a cache built under one is stale under the
+    other (the same encoder weights otherwise)."""
+    from nnunet_ext.trainers.class_sam import embedding_identity
+
+    identities = {c: embedding_identity(tiny(3, 3, conventions=c)) for c in ("default", "official")}
+    assert [k for k in identities["default"] if identities["default"][k] != identities["official"][k]] == \
+        ["conventions"]
+    cases, encoder = _fake_cases(), CountingEncoder()
+
+    def run(conventions: str):
+        return build(_cache(tmp_path, identities[conventions]), cases.__getitem__, cases, encoder, batch_size=4,
+                     log=lambda *_: None)
+
+    run("default")
+    assert run("default").hits == list(cases)
+    with pytest.raises(EmbeddingCacheError, match=r"stale: it was built for another encoder or input "
+                                                  r"\(conventions: 'default' -> 'official'\)"):
+        run("official")
+    assert encoder.tiles == 6  # nothing encoded under the official conventions
+
+
 def test_embedding_cache_size_limit_is_checked_before_encoding(tmp_path):
     cases, encoder = _fake_cases(), CountingEncoder()
     item_bytes = _cache(tmp_path).item_bytes

@@ -1,7 +1,7 @@
 """ClassSAMTrainer: 2d only, settings in the plans, optimiser over the trainable parts, SAM checkpoint
-handling, training in-process with and without the embedding cache (miss, hit, stale), resuming
-with ``--c``, and the stock pipeline (slow) - all with a tiny random SAM and a checkpoint the test
-writes itself."""
+handling (never over -pretrained_weights), official conventions only on rgb_to_0_1 plans, training
+in-process with and without the embedding cache (miss, hit, stale), resuming with ``--c``, and the
+stock pipeline (slow) - all with a tiny random SAM and a checkpoint the test writes itself."""
 from __future__ import annotations
 
 import json
@@ -15,8 +15,9 @@ from nnunet_ext import compat
 from nnunet_ext.architectures.class_sam import ClassSAM, SamCheckpointError
 from nnunet_ext.embedding_cache import EmbeddingCacheError, case_tiles
 from nnunet_ext.testing.harness import NnUNetRoot, check_pipeline_outputs, load_trainer, run_stock_pipeline
-from nnunet_ext.trainers.class_sam import (CLASS_SAM_PLANS_KEY, ClassSAMError, ClassSAMTrainer,
-                                           default_network_settings)
+from nnunet_ext.pretrained import load_pretrained_weights
+from nnunet_ext.trainers.class_sam import (CLASS_SAM_PLANS_KEY, RGB_NORMALIZATION, ClassSAMError, ClassSAMTrainer,
+                                           default_network_settings, official_input_problem)
 
 TRAINER = "ClassSAMTrainer"
 
@@ -122,6 +123,76 @@ def test_training_needs_a_checkpoint_unless_random_weights_are_asked_for(root_2d
 def _encoder_equals_checkpoint(network: ClassSAM, checkpoint) -> bool:
     state = torch.load(checkpoint, weights_only=True)
     return all(torch.equal(v, state[f"image_encoder.{k}"]) for k, v in network.image_encoder.state_dict().items())
+
+
+def test_pretrained_weights_are_not_overwritten_by_the_sam_checkpoint(root_2d, tiny_env, tmp_path, checkpoint):
+    """``nnUNetv2_train ... -pretrained_weights FILE`` (e.g. SurgicalSAM's weights from import-weights):
+    nnU-Net loads the file after initialize(); training then starts from it, the SAM checkpoint unread."""
+    trainer = trainer_for(root_2d, tiny_env, tmp_path)
+    trainer.initialize()
+    weights = {key: value + 0.5 if value.is_floating_point() else value
+               for key, value in trainer.class_sam().state_dict().items()}
+    path = tmp_path / "pretrained.pth"
+    torch.save({"network_weights": weights}, path)
+    load_pretrained_weights(trainer.network, path)
+    trainer.on_train_start()
+    state = trainer.class_sam().state_dict()
+    assert all(torch.equal(state[key], value) for key, value in weights.items())
+    assert not _encoder_equals_checkpoint(trainer.class_sam(), checkpoint)
+    assert f"starts from the pretrained weights {path}" in log_text(trainer)
+    assert trainer.method_state()["class_sam"]["sam_checkpoint"] == {"path": None, "model_type": "tiny",
+                                                                     "pretrained_weights": str(path)}
+    trainer.on_train_end()
+
+
+def _trainer_with_plans(root, monkeypatch, results, plans: dict) -> ClassSAMTrainer:
+    for variable, folder in [("nnUNet_raw", root.raw), ("nnUNet_preprocessed", root.preprocessed),
+                             ("nnUNet_results", results)]:
+        monkeypatch.setenv(variable, str(folder))
+    return compat.instantiate_trainer(ClassSAMTrainer, plans, "2d", 0, _dataset_json(root), torch.device("cpu"))
+
+
+def _plans(root) -> dict:
+    return json.loads((root.preprocessed / root.dataset_name / "nnUNetPlans.json").read_text())
+
+
+def _dataset_json(root) -> dict:
+    return json.loads((root.preprocessed / root.dataset_name / "dataset.json").read_text())
+
+
+def test_official_conventions_need_rgb_to_0_1_channels(root_2d, tiny_env, tmp_path):
+    """SurgicalSAM's preprocessing reads the uint8 frame back as round(255 x): right only for nnU-Net's
+    rgb_to_0_1 normalisation. Other plans are refused in one line, when training starts and when the
+    network is built from a model folder's plans; rgb_to_0_1 plans build the official network."""
+    plans = _plans(root_2d)
+    plans[CLASS_SAM_PLANS_KEY] = {**default_network_settings(), "conventions": "official"}
+    schemes = plans["configurations"]["2d"]["normalization_schemes"]
+    assert RGB_NORMALIZATION not in schemes and len(schemes) == 1
+    plans_file = root_2d.preprocessed / root_2d.dataset_name / "nnUNetPlans.json"
+    with pytest.raises(ClassSAMError) as error:
+        _trainer_with_plans(root_2d, tiny_env, tmp_path, plans)
+    message = str(error.value)
+    assert message.startswith(f"{plans_file}: ClassSAM's official conventions") and "\n" not in message
+    for needle in (f"configuration '2d' normalises the channels SAM sees otherwise (channel 0: {schemes[0]})",
+                   "Name those channels 'rgb_to_0_1' in dataset.json's channel_names and plan and preprocess again",
+                   '"conventions": "official"'):
+        assert needle in message
+    with pytest.raises(ClassSAMError, match=f"plans 'nnUNetPlans' of {root_2d.dataset_name}: ClassSAM's official"):
+        compat.network_as_trainer_builds_it(ClassSAMTrainer, plans, _dataset_json(root_2d), "2d", meta=True)
+    plans["configurations"]["2d"]["normalization_schemes"] = [RGB_NORMALIZATION]
+    trainer = _trainer_with_plans(root_2d, tiny_env, tmp_path, plans)
+    network = ClassSAMTrainer.build_network_architecture(trainer.plans_manager, trainer.configuration_manager, 1,
+                                                         trainer.label_manager.num_segmentation_heads, False)
+    assert network.conventions == "official"
+
+
+def test_only_the_channels_sam_sees_need_rgb_to_0_1():
+    official, rgb = {"conventions": "official"}, RGB_NORMALIZATION
+    assert official_input_problem({}, ["ZScoreNormalization"]) is None  # the default conventions take any input
+    assert official_input_problem(official, [rgb, rgb, rgb, "ZScoreNormalization"]) is None  # channel 3 unseen
+    problem = official_input_problem({**official, "channel_indices": [0, 1, 3]}, [rgb, rgb, rgb, "CTNormalization"])
+    assert "(channel 3: CTNormalization)" in problem and "the configuration normalises" in problem
+    assert "channel 0: RescaleTo01Normalization" in official_input_problem(official, ["RescaleTo01Normalization"])
 
 
 def test_training_live_and_from_the_embedding_cache_and_resuming(root_2d, tiny_env, tmp_path, checkpoint):

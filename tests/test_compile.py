@@ -7,7 +7,7 @@ testing padding masks in Python) - traced by dynamo only, no code generated.
 Slow run (``-m slow``): every registered network's small variant (``nnunet_ext.testing.networks``,
 in each convention that builds another network) compiled with inductor (aot_eager without a C++ compiler), one training-mode
 forward and backward equal to eager's within float tolerance, with the same dropout masks
-(inductor's ``fallback_random``), and no graph break.
+(inductor's ``fallback_random``), and no graph break except those in :data:`KNOWN_BREAKS`.
 """
 from __future__ import annotations
 
@@ -47,6 +47,15 @@ def graph_breaks(name: str, conventions: str = "default", training: bool = True)
     return torch._dynamo.explain(network.train(training))(x).graph_break_count
 
 
+#: (network, conventions) -> graph breaks that remain, with the reason
+KNOWN_BREAKS: dict[tuple[str, str], tuple[int, str]] = {
+    # SurgicalSAM's preprocessing resizes the uint8 frame with PIL on the CPU (SAM's ResizeLongestSide):
+    # one torch.compiler.disable'd call (resize_longest_side), which dynamo counts once per enclosing
+    # frame (forward -> encode -> to_sam_input). ClassSAMTrainer does not compile anyway.
+    ("ClassSAM", "official"): (3, "PIL resize of the uint8 frame"),
+}
+
+
 def test_the_deformable_attention_network_has_no_graph_breaks():
     """TransDoDNet runs the shared deformable encoder (CoTr's too) and its own task-query decoder."""
     assert graph_breaks("TransDoDNet") == 0
@@ -79,4 +88,4 @@ def test_compiled_training_step_equals_eager(name, conventions):
     scale = max(g.abs().max().item() for g in expected_grads.values())
     for key in grads:
         torch.testing.assert_close(grads[key], expected_grads[key], rtol=1e-4, atol=1e-5 * scale)
-    assert graph_breaks(name, conventions) == 0
+    assert graph_breaks(name, conventions) == KNOWN_BREAKS.get((name, conventions), (0, ""))[0]

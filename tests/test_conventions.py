@@ -1,7 +1,8 @@
 """Default and official conventions: ``paper_network(name, conventions)`` for every registered network,
 exact parameter counts per convention, the official parameter names and shapes of UniSeg and BA-Net
 (tests/fixtures/official_keys, written down from the official code), strict loading of
-official-format state dicts, and what exactly differs between the two conventions."""
+official-format state dicts, and what exactly differs between the two conventions (ClassSAM: the
+preprocessing only)."""
 from __future__ import annotations
 
 import json
@@ -17,6 +18,7 @@ from nnunet_ext.architectures.banet import BANet
 from nnunet_ext.architectures.blocks.deformable_attention import DeformableEncoder, MultiScaleDeformableAttention3D
 from nnunet_ext.architectures.uniseg import UniSeg
 from nnunet_ext.registry import CONVENTIONS, paper_networks
+from nnunet_ext.testing.networks import small_network
 
 FIXTURES = Path(__file__).parent / "fixtures" / "official_keys"
 OFFICIAL_FORMAT = {"UniSeg": "uniseg", "BANet": "banet"}  # network -> fixture of the official names
@@ -50,7 +52,7 @@ def test_official_convention_changes_only_what_the_registry_says(name):
     default, official = on_meta(name, "default"), on_meta(name, "official")
     same_shapes = ({k: v.shape for k, v in default.state_dict().items()}
                    == {k: v.shape for k, v in official.state_dict().items()})
-    if not entry.official_kwargs:  # MC-Net+, LeFeD, DoDNet, ClassSAM: ours is the official network
+    if not entry.official_kwargs:  # MC-Net+, LeFeD, DoDNet: ours is the official network
         assert same_shapes and type(default) is type(official)
     elif dict(entry.official_kwargs) == {"axis_order": "official"}:  # CoTr, TransDoDNet: sampling order only
         assert same_shapes
@@ -58,10 +60,13 @@ def test_official_convention_changes_only_what_the_registry_says(name):
             modules = [m for m in network.modules() if isinstance(m, (MultiScaleDeformableAttention3D,
                                                                       DeformableEncoder))]
             assert modules and {m.axis_order for m in modules} == {order}
-    else:  # UniSeg, BA-Net: kernels and biases
+    else:  # UniSeg, BA-Net: kernels and biases; ClassSAM: the preprocessing only, the same layers
         assert dict(entry.official_kwargs) == {"conventions": "official"}
         assert (default.conventions, official.conventions) == ("default", "official")
-        assert not same_shapes
+        assert same_shapes == (name in SAME_LAYERS)
+
+
+SAME_LAYERS = {"ClassSAM"}  # official conventions with the default's layers (another preprocessing)
 
 
 def test_unknown_conventions_are_refused():
@@ -215,6 +220,31 @@ def test_banet_official_needs_the_plain_encoder():
     kwargs["n_blocks_per_stage"] = kwargs.pop("n_conv_per_stage")
     with pytest.raises(ValueError, match="plain encoder"):
         BANet(input_channels=1, num_classes=3, conventions="official", **kwargs)
+
+
+# --- ClassSAM: SurgicalSAM's preprocessing, the same layers -----------------------------------------------
+
+def test_class_sam_conventions_differ_only_in_the_preprocessing():
+    """One state dict loads strictly into both conventions; from the same image embedding both compute the
+    same logits; only the image SAM's encoder gets differs (official: the uint8 frame of an rgb_to_0_1
+    patch, SAM's ResizeLongestSide; tests/test_pretrained_finetune.py checks it against SamPredictor)."""
+    default, _ = small_network("ClassSAM", "default")
+    official, _ = small_network("ClassSAM", "official", seed=1)
+    official.load_state_dict(default.state_dict(), strict=True)
+    frame = torch.randint(0, 256, (2, 3, 24, 40), generator=torch.Generator().manual_seed(0))
+    x = frame.float() / 255  # nnU-Net's rgb_to_0_1
+    default.eval(), official.eval()
+    with torch.no_grad():
+        embeddings = default.encode(x)
+        torch.testing.assert_close(official.decode(embeddings, x.shape[-2:]), default.decode(embeddings, x.shape[-2:]),
+                                   rtol=0, atol=0)
+        (image, frame_size), (official_image, official_frame_size) = default.to_sam_input(x), official.to_sam_input(x)
+        assert frame_size == official_frame_size and image.shape == official_image.shape
+        assert not torch.allclose(image, official_image, atol=0.1)
+        pixels = official_image * official.pixel_std + official.pixel_mean  # official: whole grey levels
+        visible = pixels[..., :frame_size[0], :frame_size[1]]
+        torch.testing.assert_close(visible, visible.round(), rtol=0, atol=1e-3)
+        assert not torch.equal(official(x), default(x))
 
 
 # --- plans ------------------------------------------------------------------------------------------

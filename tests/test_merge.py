@@ -494,7 +494,7 @@ def test_stock_plan_and_preprocess_accepts_the_merged_dataset(tmp_path: Path) ->
     merge_datasets(raw, SOURCE_IDS, 520, "Stock")
     env = dict(os.environ, nnUNet_raw=str(raw), nnUNet_preprocessed=str(preprocessed), nnUNet_results=str(results),
                nnUNet_def_n_proc="1", OMP_NUM_THREADS="1")
-    run_stock(["nnUNetv2_plan_and_preprocess", "-d", 520, "-c", "3d_fullres", "-np", 1,
+    run_stock(["nnUNetv2_plan_and_preprocess", "-d", 520, "-c", "3d_fullres", "-np", 1, "-npfp", 1,
                "--verify_dataset_integrity"], env, timeout=600)
     out = preprocessed / "Dataset520_Stock"
     plans = json.loads((out / "nnUNetPlans.json").read_text())

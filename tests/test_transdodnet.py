@@ -1,10 +1,10 @@
 """TransDoDNet: size against the official code, DeepNorm (residual scale whatever the flag, the flag's
-init, the official coefficients), plan strides, shapes on a narrow variant, gradients to
-the task queries and the decoder's deformable cross-attention, task dependence, eval-mode class
-scores, the official optimiser / warm-up + poly schedule / clipping, and a stock train + task-aware
-predict on the merged synthetic dataset (slow)."""
+init, the official coefficients), plan strides, shapes on a narrow variant, gradients to the task
+queries and the decoder's deformable cross-attention; in eval mode, for DoDNet and TransDoDNet
+alike (parametrised), task dependence, mixed-task batches and the masked class scores; per-sample
+masking of unannotated classes; the official optimiser / warm-up + poly schedule / clipping, and a
+stock train + task-aware predict on the merged synthetic dataset (slow)."""
 from __future__ import annotations
-
 
 import numpy as np
 import pytest
@@ -15,9 +15,9 @@ from nnunet_ext.architectures.blocks.deformable_attention import MultiScaleDefor
 from nnunet_ext.architectures.dodnet import DoDNet, SigmoidLabelCoding
 from nnunet_ext.architectures.transdodnet import (PAPER_STRIDES, TransDoDAttention, TransDoDNet,
                                                   deepnorm_coefficients, paper_transdodnet, strides_from_plans)
-from nnunet_ext.tasks.conditioning import is_masked
+from nnunet_ext.losses.task_sigmoid import DoDNetLoss
+from nnunet_ext.tasks.conditioning import TaskConditioning, is_masked
 from nnunet_ext.testing.harness import load_trainer, predict_task_and_check, train_stock
-from nnunet_ext.trainers.dodnet import DoDNetLoss
 from nnunet_ext.trainers.transdodnet import TransDoDNetTrainer, WarmupPolyLRScheduler
 from test_dodnet import SMALL as DODNET_SMALL
 from test_dodnet import synthetic_map
@@ -128,9 +128,21 @@ def test_gradient_reaches_task_queries_and_the_decoders_cross_attention():
     assert network.backbone.stem[0].weight.grad.abs().sum() > 0
 
 
-def test_tasks_change_the_output_and_a_mixed_batch_equals_one_task_at_a_time():
-    network = _small().eval()  # no coding: eval returns the sigmoid logits, dropout off
-    x, tasks = torch.randn(3, 1, *PATCH), torch.tensor([2, 0, 1])
+# --- eval mode: DoDNet and TransDoDNet -----------------------------------------------------------
+
+def _conditioned(network_class: str, head_channels: int, batch: int, coding=None):
+    """A narrow DoDNet or TransDoDNet with 3 tasks, and an input batch for it."""
+    if network_class == "DoDNet":
+        torch.manual_seed(0)
+        return DoDNet(1, 3, head_channels, coding=coding, **DODNET_SMALL), torch.randn(batch, 1, 8, 8, 8)
+    return _small(3, head_channels, coding=coding), torch.randn(batch, 1, *PATCH)
+
+
+@pytest.mark.parametrize("network_class", ["DoDNet", "TransDoDNet"])
+def test_tasks_change_the_output_and_a_mixed_batch_equals_one_task_at_a_time(network_class):
+    network, x = _conditioned(network_class, 2, 3)
+    network.eval()  # no coding: eval returns the sigmoid logits, dropout off
+    tasks = torch.tensor([2, 0, 1])
     with torch.no_grad():
         mixed = network(x, tasks)
         for b, task in enumerate(tasks.tolist()):
@@ -139,17 +151,13 @@ def test_tasks_change_the_output_and_a_mixed_batch_equals_one_task_at_a_time():
         network.set_task(0)
         other = network(x[1:2])
         network.set_task(1)
-        assert not torch.allclose(other, network(x[1:2]), atol=1e-4)
+        assert not torch.allclose(other, network(x[1:2]), atol=1e-4)  # the task changes the head
 
 
 @pytest.mark.parametrize("network_class", ["DoDNet", "TransDoDNet"])
 def test_eval_mode_returns_masked_class_scores_with_the_coding_rule(network_class):
     coding = SigmoidLabelCoding(synthetic_map(), {"lesion": "liver"})
-    if network_class == "DoDNet":
-        torch.manual_seed(0)
-        network, x = DoDNet(1, 3, 3, coding=coding, **DODNET_SMALL), torch.randn(2, 1, 8, 8, 8)
-    else:
-        network, x = _small(3, 3, coding=coding), torch.randn(2, 1, *PATCH)
+    network, x = _conditioned(network_class, 3, 2, coding)
     network.set_task(0)  # liver + kidney: spleen (3) and lesion (4) are not annotated
     assert network.train()(x).shape[1] == 3  # training: the sigmoid logits
     with torch.no_grad():
@@ -164,6 +172,32 @@ def test_eval_mode_returns_masked_class_scores_with_the_coding_rule(network_clas
         assert torch.equal(mixed[:1], scores[:1])
         keep2 = torch.tensor([True, False, True, True, False])
         assert is_masked(mixed[1:], keep2)[:, [1, 4]].all() and not is_masked(mixed[1:], keep2)[:, [0, 2, 3]].any()
+
+
+def test_mask_unannotated_masks_each_sample_by_its_own_task():
+    """``TaskConditioning.mask_unannotated`` with one task per sample (a ``(B,)`` tensor): each sample's
+    unannotated classes are masked by ITS task, its own classes keep their logits, and the result
+    equals masking each sample alone with its task set; training mode masks nothing."""
+    annotated = torch.tensor([[True, True, True, False, False], [True, False, True, True, False],
+                              [True, True, False, False, True]])
+
+    class Conditioned(TaskConditioning):
+        def __init__(self):
+            super().__init__()
+            self.init_task_conditioning(3, annotated.tolist(), 5)
+
+    network, tasks = Conditioned().eval(), torch.tensor([2, 0, 1, 2])
+    logits = torch.randn(4, 5, 3, 4, 5, generator=torch.Generator().manual_seed(0))
+    masked = network.mask_unannotated(logits, tasks)
+    for b, task in enumerate(tasks.tolist()):
+        keep = annotated[task]
+        flags = is_masked(masked[b:b + 1], keep)
+        assert flags[:, ~keep].all() and not flags[:, keep].any()
+        assert torch.equal(masked[b, keep], logits[b, keep])
+        assert keep[masked[b].argmax(0)].all()  # argmax only among the sample's own task's classes
+        network.set_task(task)
+        assert torch.equal(network.mask_unannotated(logits[b:b + 1]), masked[b:b + 1])
+    assert network.train().mask_unannotated(logits, tasks) is logits
 
 
 # --- trainer ------------------------------------------------------------------------------------

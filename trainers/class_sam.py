@@ -11,7 +11,9 @@ Settings (environment variables, so the stock commands need no extra options):
   ...), loaded with ``torch.load(..., weights_only=True)`` at the start of training. Never
   downloaded. Required to train; not needed for ``--c``, ``--val`` or prediction, whose weights come
   from nnU-Net's own checkpoint (which therefore holds the frozen encoder too: about 2.5 GB per
-  checkpoint file at vit_h). ``NNUNET_EXT_SAM_RANDOM_INIT=1`` trains from random SAM weights
+  checkpoint file at vit_h), nor with ``-pretrained_weights`` (e.g. SurgicalSAM's weights from
+  ``nnunet-ext import-weights``), whose file holds every weight: it is then not read, so it cannot
+  overwrite them. ``NNUNET_EXT_SAM_RANDOM_INIT=1`` trains from random SAM weights
   instead - an explicit opt-in for tests and benchmarks, never a fallback.
 * ``NNUNET_EXT_SAM_MODEL_TYPE`` - ``vit_h`` (default, the paper's), ``vit_l``, ``vit_b``; ``tiny``
   is a small random SAM for tests only. Written with the other network arguments into the plans
@@ -33,6 +35,13 @@ Settings (environment variables, so the stock commands need no extra options):
   cannot be read or whose shapes do not fit, and plans settings ClassSAM cannot take: one line
   under ``nnUNetv2_train``, no traceback.
 
+Conventions: ``"conventions": "official"`` in the plans' ``nnunet_ext_class_sam`` builds ClassSAM with
+SurgicalSAM's own preprocessing (needed for its released weights, ``nnunet-ext import-weights
+ClassSAM``). It reads the uint8 RGB frame back from nnU-Net's ``rgb_to_0_1`` normalisation, so plans
+that normalise the channels SAM sees in another way are refused (:func:`official_input_problem`),
+when training starts and when a network is built from a model folder's plans; the embedding cache
+records the conventions, so embeddings of one are never reused under the other.
+
 Loss (:class:`nnunet_ext.losses.class_prompt.ClassSAMLoss`): SurgicalSAM's sigmoid Dice on the
 present classes + its contrastive prototype loss (NT-Xent, temperature 0.07, class embeddings from
 the frozen image embedding) + BCE on every class channel (the predictor prompts every class; the
@@ -53,16 +62,18 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
 from nnunet_ext import compat
 from nnunet_ext.architectures.class_sam import (CHECKPOINT_VARIABLE, MODEL_TYPE_VARIABLE, ClassSAM,
-                                                SamCheckpointError, load_sam_checkpoint, sam_spec,
-                                                segment_anything_modeling)
+                                                SamCheckpointError, default_channel_indices, load_sam_checkpoint,
+                                                sam_spec, segment_anything_modeling)
 from nnunet_ext.embedding_cache import CachedBatches, EmbeddingCache, build, module_digest
 from nnunet_ext.errors import UserFacingError
 from nnunet_ext.losses.class_prompt import ClassSAMLoss
+from nnunet_ext.pretrained import LOADED_FROM
 from nnunet_ext.trainers.base import METHOD_STATE_KEY, nnUNetExtTrainer
 
 CLASS_SAM_PLANS_KEY = "nnunet_ext_class_sam"
@@ -72,6 +83,8 @@ CACHE_MAX_GB_VARIABLE = "NNUNET_EXT_SAM_CACHE_MAX_GB"
 CACHE_VERSIONS_VARIABLE = "NNUNET_EXT_SAM_CACHE_VERSIONS"
 CACHE_REBUILD_VARIABLE = "NNUNET_EXT_SAM_CACHE_REBUILD"
 DEFAULT_MODEL_TYPE = "vit_h"
+#: nnU-Net's normalisation scheme of ``rgb_to_0_1`` channels (x / 255), as the plans name it
+RGB_NORMALIZATION = "RGBTo01Normalization"
 _OFF = {"0", "off", "none", "false", "no"}
 _MIRROR_AXES = {1: None, 2: (1,), 4: (0, 1)}  # nnU-Net's 2d axes (y, x) of the cached versions
 
@@ -109,9 +122,34 @@ def build_class_sam(settings: dict, input_channels: int, num_classes: int) -> Cl
     try:
         return ClassSAM(input_channels=input_channels, num_classes=num_classes, **settings)
     except TypeError as error:
-        known = sorted(default_network_settings({}).keys())
+        known = sorted([*default_network_settings({}), "conventions"])
         raise ClassSAMError(f"The plans' {CLASS_SAM_PLANS_KEY!r} settings {settings} do not fit ClassSAM ({error}). "
                             f"Use only the keys {', '.join(known)}, or remove the entry to use the defaults.") from None
+
+
+def official_input_problem(settings: dict, normalization_schemes: Sequence[str],
+                           configuration: str | None = None) -> str | None:
+    """Why a configuration cannot feed ClassSAM's official preprocessing, or None.
+
+    ``conventions="official"`` turns each channel SAM sees back into the uint8 frame as ``round(255 x)``
+    (``ClassSAM.official_sam_input``): right only for nnU-Net's ``rgb_to_0_1`` normalisation (``x / 255``).
+    Any other scheme (z-score, CT, rescale per image, none) would show SAM another image; channels
+    SAM does not see may be normalised in any way."""
+    if not isinstance(settings, dict) or settings.get("conventions", "default") != "official":
+        return None
+    schemes = list(normalization_schemes)
+    indices = settings.get("channel_indices")
+    seen = sorted(set(indices if indices is not None else default_channel_indices(len(schemes))))
+    wrong = [f"channel {c}: {schemes[c]}" for c in seen if isinstance(c, int) and 0 <= c < len(schemes)
+             and schemes[c] != RGB_NORMALIZATION]
+    if not wrong:
+        return None
+    where = f"configuration {configuration!r}" if configuration else "the configuration"
+    return (f"ClassSAM's official conventions (SurgicalSAM's preprocessing) recover the uint8 RGB frame from nnU-Net's "
+            f"rgb_to_0_1 normalisation (x / 255), but {where} normalises the channels SAM sees "
+            f"otherwise ({', '.join(wrong)}), so SAM would see another image. Name those channels 'rgb_to_0_1' in "
+            f"dataset.json's channel_names and plan and preprocess again, or remove \"conventions\": \"official\" "
+            f"from the plans' {CLASS_SAM_PLANS_KEY!r}")
 
 
 def case_shape_problem(data, seg, channels: int | None) -> str | None:
@@ -145,6 +183,15 @@ def load_checked_case(dataset, identifier: str, channels: int | None):
         raise ClassSAMError(f"The preprocessed case {identifier!r} in {folder} does not fit ClassSAM: {problem}. "
                             f"{fix}")
     return data, seg
+
+
+def embedding_identity(network: ClassSAM) -> dict:
+    """What a cached image embedding of ``network`` depends on (the cache's ``encoder.json``): the encoder
+    and its weights, and the input transform - conventions (official and default preprocessing give other
+    embeddings of the same patch), channels and intensity range."""
+    return {"sam_model_type": network.sam_model_type, "image_size": network.spec.image_size,
+            "encoder_weights_sha256": module_digest(network.image_encoder), "conventions": network.conventions,
+            "channel_indices": list(network.channel_indices), "intensity_range": network.intensity_range}
 
 
 @dataclass(frozen=True)
@@ -194,6 +241,12 @@ class ClassSAMTrainer(nnUNetExtTrainer):
         self.initial_lr, self.weight_decay, self.num_epochs = 1e-3, 1e-4, 500
         if CLASS_SAM_PLANS_KEY not in self.plans_manager.plans:  # plans that name it (a model folder's) win
             self.plans_manager.plans[CLASS_SAM_PLANS_KEY] = default_network_settings()
+        problem = official_input_problem(self.network_settings, self.configuration_manager.normalization_schemes,
+                                         configuration)
+        if problem:
+            plans_file = (Path(self.preprocessed_dataset_folder_base) / f"{self.plans_manager.plans_name}.json"
+                          if self.preprocessed_dataset_folder_base else f"plans {self.plans_manager.plans_name!r}")
+            raise ClassSAMError(f"{plans_file}: {problem}.")
         self.cache_settings = CacheSettings.from_environment()
         self.sam_checkpoint: dict | None = None
         self._weights_restored = False
@@ -202,6 +255,9 @@ class ClassSAMTrainer(nnUNetExtTrainer):
     def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
                                    num_output_channels: int, enable_deep_supervision: bool = True):
         settings = plans_manager.plans.get(CLASS_SAM_PLANS_KEY) or default_network_settings()
+        problem = official_input_problem(settings, configuration_manager.normalization_schemes)
+        if problem:  # a model folder's plans (prediction, import-weights --model-folder)
+            raise ClassSAMError(f"plans {plans_manager.plans_name!r} of {plans_manager.dataset_name}: {problem}.")
         return build_class_sam(settings, num_input_channels, num_output_channels)
 
     @property
@@ -254,7 +310,13 @@ class ClassSAMTrainer(nnUNetExtTrainer):
     def on_train_start(self):
         if not self.was_initialized:
             self.initialize()
-        if not self._weights_restored:  # --c: nnU-Net's checkpoint already holds every weight
+        pretrained = getattr(self.class_sam(), LOADED_FROM, None)
+        if pretrained is not None:  # -pretrained_weights: the file held every weight, the SAM encoder included
+            model_type = self.network_settings["sam_model_type"]
+            self.sam_checkpoint = {"path": None, "model_type": model_type, "pretrained_weights": pretrained}
+            self.print_to_log_file(f"nnunet-ext: ClassSAM starts from the pretrained weights {pretrained}; "
+                                   f"{CHECKPOINT_VARIABLE} is not read")
+        elif not self._weights_restored:  # --c: nnU-Net's checkpoint already holds every weight
             self.load_sam_weights()
         super().on_train_start()
 
@@ -276,9 +338,7 @@ class ClassSAMTrainer(nnUNetExtTrainer):
 
     def embedding_cache(self) -> EmbeddingCache:
         network, settings = self.class_sam(), self.cache_settings
-        identity = {"sam_model_type": network.sam_model_type, "image_size": network.spec.image_size,
-                    "encoder_weights_sha256": module_digest(network.image_encoder),
-                    "channel_indices": list(network.channel_indices), "intensity_range": network.intensity_range}
+        identity = embedding_identity(network)
         spec = network.spec
         folder = Path(settings.folder) / self.plans_manager.dataset_name / self.configuration_manager.data_identifier
         return EmbeddingCache(

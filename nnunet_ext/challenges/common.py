@@ -411,9 +411,9 @@ def prepare_dataset_folder(folder: Path, plan: ConversionPlan) -> None:
         return
     for sub in _subfolders(plan):
         (folder / sub).mkdir(exist_ok=True)
-    for sub in [folder, *(p for p in folder.iterdir() if p.is_dir() and not p.is_symlink())]:
-        atomic_io.remove_stale_temporaries(sub)
-        for stale in sub.glob(f".*{_LEGACY_TEMP_TAG}*"):
+    for directory in [folder, *(p for p in folder.iterdir() if p.is_dir() and not p.is_symlink())]:
+        atomic_io.remove_stale_temporaries(directory)
+        for stale in directory.glob(f".*{_LEGACY_TEMP_TAG}*"):
             with contextlib.suppress(OSError):
                 stale.unlink()
     atomic_io.write_json(folder / MARKER_NAME, {METADATA_KEY: _metadata(plan)})

@@ -11,55 +11,32 @@ from __future__ import annotations
 
 import argparse
 
+from nnunet_ext.cli.options import add_model_arguments, add_task_argument, challenge_parsers, parse_folds
 
-def add_parser(subparsers) -> None:
-    from nnunet_ext.challenges import registry
 
-    parser = subparsers.add_parser(
-        "challenge-infer", help="a challenge container's inference: /input/... -> /output/... (" + ", ".join(
-            e.title for e in registry.CHALLENGES) + ")",
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    commands = challenge_parsers(
+        subparsers, "challenge-infer", help="a challenge container's inference: /input/... -> /output/... "
+                                            "({challenges})",
         description="Predicts every case below --input in the challenge's container layout (e.g. KiTS21: "
                     "images/ct/<uuid>.mha; SegRap2023: images/head-neck-ct/ and images/head-neck-contrast-enhanced-"
                     "ct/<uuid>.mha; AMOS22: <name>.nii.gz) with nnU-Net's predictor and writes each output under the "
                     "input's name in the challenge's output folder and format below --output. GPU when present "
-                    "(-device auto), CPU otherwise.")
-    challenges = parser.add_subparsers(dest="challenge", metavar="CHALLENGE", required=True)
-    for entry in registry.CHALLENGES:
-        sub = challenges.add_parser(entry.name, help=f"{entry.title} container inference")
-        if entry.tasks:
-            sub.add_argument("--task", choices=entry.tasks, required=True, help="the challenge's task")
+                    "(-device auto), CPU otherwise.",
+        help_each="container inference")
+    for entry, sub in commands:
+        add_task_argument(sub, entry.tasks)
         sub.add_argument("--input", default="/input", help="the input root (default /input)")
         sub.add_argument("--output", default="/output", help="the output root (default /output)")
         model = sub.add_mutually_exclusive_group(required=True)
         model.add_argument("-d", dest="dataset", help="dataset name or id below nnUNet_results (with -c, -tr, -p)")
         model.add_argument("-m", dest="model_folder", help="the trained model folder itself")
-        sub.add_argument("-c", dest="configuration", default="3d_fullres", help="configuration (default 3d_fullres)")
-        sub.add_argument("-tr", dest="trainer", default="nnUNetTrainer", help="trainer (default nnUNetTrainer)")
-        sub.add_argument("-p", dest="plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
-        sub.add_argument("-f", dest="folds", nargs="+", default=None,
-                         help="folds (default: every fold_N with the checkpoint, as nnUNetv2_predict)")
-        sub.add_argument("-chk", dest="checkpoint", default="checkpoint_final.pth", help="checkpoint file name")
+        add_model_arguments(sub, folds_default=None,
+                            folds_help="folds (default: every fold_N with the checkpoint, as nnUNetv2_predict)")
         sub.add_argument("-device", default="auto", choices=("auto", "cuda", "cpu", "mps"),
                          help="auto (default): cuda when a GPU is visible, else cpu")
         sub.add_argument("--disable_tta", action="store_true", help="no mirroring at test time (faster)")
         sub.set_defaults(run=run)
-
-
-def parse_folds(values: list[str] | None) -> tuple | None:
-    """``-f`` values as nnU-Net takes them: numbers, or 'all'; None stays None."""
-    from nnunet_ext.errors import UserFacingError
-
-    if values is None:
-        return None
-    folds: list[int | str] = []
-    for value in values:
-        if value == "all":
-            folds.append(value)
-        elif value.isdigit():
-            folds.append(int(value))
-        else:
-            raise UserFacingError(f"-f {value!r}: folds are numbers (0 1 2 3 4) or 'all'.")
-    return tuple(folds)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -11,30 +11,23 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from nnunet_ext.cli.options import add_model_arguments, add_task_argument, challenge_parsers, parse_folds
 
-def add_parser(subparsers) -> None:
-    from nnunet_ext.challenges import registry
 
-    parser = subparsers.add_parser(
-        "container", help="a Docker build context for a challenge's algorithm container (" + ", ".join(
-            e.title for e in registry.CHALLENGES) + ")",
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    commands = challenge_parsers(
+        subparsers, "container", help="a Docker build context for a challenge's algorithm container ({challenges})",
         description="Writes BUILD_DIR with a Dockerfile on an official PyTorch CUDA runtime image, the nnunet-ext "
                     "wheel, the trained model (its folds' checkpoints, dataset.json, plans.json; or an "
                     "nnUNetv2_export_model_to_zip zip) and the entry point 'nnunet-ext challenge-infer', which reads "
                     "the challenge's /input files (any names) and writes equally named outputs to its /output "
-                    "folder. Then: docker build -t NAME BUILD_DIR.")
-    challenges = parser.add_subparsers(dest="challenge", metavar="CHALLENGE", required=True)
-    for entry in registry.CHALLENGES:
-        sub = challenges.add_parser(entry.name, help=f"{entry.title} algorithm container")
-        if entry.tasks:
-            sub.add_argument("--task", choices=entry.tasks, required=True, help="the challenge's task")
+                    "folder. Then: docker build -t NAME BUILD_DIR.",
+        help_each="algorithm container")
+    for entry, sub in commands:
+        add_task_argument(sub, entry.tasks)
         sub.add_argument("-d", dest="dataset", required=True, help="dataset name or id (as for nnUNetv2_predict)")
-        sub.add_argument("-c", dest="configuration", default="3d_fullres", help="configuration (default 3d_fullres)")
-        sub.add_argument("-tr", dest="trainer", default="nnUNetTrainer", help="trainer (default nnUNetTrainer)")
-        sub.add_argument("-p", dest="plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
-        sub.add_argument("-f", dest="folds", nargs="+", default=["0", "1", "2", "3", "4"],
-                         help="folds to ensemble (default 0 1 2 3 4)")
-        sub.add_argument("-chk", dest="checkpoint", default="checkpoint_final.pth", help="checkpoint file name")
+        add_model_arguments(sub, folds_default=["0", "1", "2", "3", "4"],
+                            folds_help="folds to ensemble (default 0 1 2 3 4)")
         sub.add_argument("--wheel", required=True, type=Path,
                          help="the nnunet-ext wheel to install (pip wheel --no-deps -w dist . in its source folder)")
         sub.add_argument("--export-zip", default=None, type=Path,
@@ -46,7 +39,6 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from nnunet_ext.challenges import container, infer
-    from nnunet_ext.cli.challenge_infer import parse_folds
 
     folds = parse_folds(args.folds) or (0, 1, 2, 3, 4)
     model_folder = None

@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from nnunet_ext.cli.options import parse_folds
+
 
 def _default_processes(variable: str) -> int:
     """nnUNetv2_predict's default for -npp/-nps: the variable if it holds a number, else 3."""
@@ -96,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserFacingError(f"--combine merges the label maps of several tasks; give --task all or --task "
                               f"{tasks[0]},OTHER,...")
     options = PredictOptions(
-        folds=_folds(args.f), checkpoint=args.chk, step_size=args.step_size, use_mirroring=not args.disable_tta,
+        folds=parse_folds(args.f), checkpoint=args.chk, step_size=args.step_size, use_mirroring=not args.disable_tta,
         device=_device(args.device), num_processes_preprocessing=args.npp, num_processes_export=args.nps,
         save_probabilities=args.save_probabilities, continue_prediction=args.continue_prediction,
         num_parts=args.num_parts, part_id=args.part_id, perform_everything_on_device=not args.not_on_device,
@@ -141,19 +143,3 @@ def _model_folder(args: argparse.Namespace):
         raise UserFacingError(f"-d {args.d!r}: nnU-Net knows no such dataset (looked in nnUNet_raw, "
                               f"nnUNet_preprocessed and nnUNet_results). Give the merged dataset's id or name, or "
                               f"the model folder with -m.") from None
-
-
-def _folds(values: list[str] | None) -> tuple | None:
-    from nnunet_ext.errors import UserFacingError
-
-    if values is None:
-        return None
-    folds: list[int | str] = []
-    for value in values:
-        if value == "all":
-            folds.append(value)
-        elif value.isdigit():
-            folds.append(int(value))
-        else:
-            raise UserFacingError(f"-f {value!r}: a fold is a number (0, 1, ...) or 'all'.")
-    return tuple(folds)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 
+from nnunet_ext.cli.options import add_task_argument, challenge_parsers
 from nnunet_ext.errors import UserFacingError
 
 
@@ -26,28 +27,24 @@ def _arguments(parser: argparse.ArgumentParser, tasks: tuple[str, ...], phases: 
                              "image's grid. Required for a zip")
     parser.add_argument("--check-only", action="store_true",
                         help="only validate PRED_DIR as a submission (folder or zip); write nothing")
-    if tasks:
-        parser.add_argument("--task", choices=tasks, required=True, help="the challenge's task")
+    add_task_argument(parser, tasks)
     parser.add_argument("--phase", choices=phases, default=phases[0],
                         help=f"the leaderboard phase (default {phases[0]})")
     parser.set_defaults(run=run)
 
 
-def add_parser(subparsers) -> None:
-    from nnunet_ext.challenges import registry
-
-    parser = subparsers.add_parser(
-        "submit", help="nnU-Net predictions -> challenge submission (" + ", ".join(
-            e.title for e in registry.CHALLENGES) + "), validated",
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    commands = challenge_parsers(
+        subparsers, "submit", help="nnU-Net predictions -> challenge submission ({challenges}), validated",
         description="Writes each prediction in the challenge's naming, label values, data type and file format, then "
                     "validates the submission (missing or extra cases, grid, label values, dtype). KiTS21 (local): "
                     "case_XXXXX.nii.gz uint8 0-3, the folder the organisers' evaluation reads. AMOS22 (validation, "
                     "test): one zip with results/amos_XXXX.nii.gz uint8 0-15, one per image of the task. SegRap2023 "
                     "(local): segrap_XXXX.mha, a 4D uint8 stack of binary masks (45 OARs or GTVp, GTVnd) as the "
-                    "challenge's containers write them. Leaderboards that run containers: nnunet-ext container.")
-    challenges = parser.add_subparsers(dest="challenge", metavar="CHALLENGE", required=True)
-    for entry in registry.CHALLENGES:
-        _arguments(challenges.add_parser(entry.name, help=f"{entry.title} submission"), entry.tasks, entry.phases)
+                    "challenge's containers write them. Leaderboards that run containers: nnunet-ext container.",
+        help_each="submission")
+    for entry, sub in commands:
+        _arguments(sub, entry.tasks, entry.phases)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 from nnunet_ext.cluster.slurm import LOGS, script_name
-from nnunet_ext.cluster.workflow import Workflow
+from nnunet_ext.cluster.workflow import Step, Workflow
 
 
 class StepFailed(Exception):
@@ -29,7 +29,7 @@ class StepFailed(Exception):
         self.returncode = returncode
 
 
-def ordered_steps(workflow: Workflow, from_step: str | None = None) -> list:
+def ordered_steps(workflow: Workflow, from_step: str | None = None) -> list[Step]:
     """The steps in an order that respects ``after`` (checked), from ``from_step`` on."""
     seen: set[str] = set()
     for step in workflow.steps:
@@ -50,7 +50,7 @@ def run_local(workflow: Workflow, jobs_dir: str | os.PathLike, env: Mapping[str,
               from_step: str | None = None, out: Callable[[str], None] | None = None) -> None:
     """Run every step (every array task) in order; raise :class:`StepFailed` at the first failure."""
     jobs_dir = Path(jobs_dir).absolute()
-    write = out or (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
+    write = out or _print
     environment = dict(os.environ if env is None else env)
     environment["NNUNET_EXT_LOCAL"] = "1"  # the scripts skip the cluster set-up and requeue logic
     # the stock commands of this interpreter's environment, also when it was not activated (appended:
@@ -77,7 +77,12 @@ def run_local(workflow: Workflow, jobs_dir: str | os.PathLike, env: Mapping[str,
     write("=== nnunet-ext local: all steps finished\n")
 
 
-def _run_streamed(command: list[str], env: dict, log: Path, write: Callable[[str], None]) -> int:
+def _print(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _run_streamed(command: list[str], env: dict[str, str], log: Path, write: Callable[[str], None]) -> int:
     """Run in its own session, streaming lines to ``write`` and ``log``; Ctrl-C ends the whole session.
 
     The log is written as the step runs (to be followed while it runs), so it is not an atomic write:
@@ -86,6 +91,7 @@ def _run_streamed(command: list[str], env: dict, log: Path, write: Callable[[str
     with log.open("w") as log_file:
         process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                    bufsize=1, start_new_session=True)
+        assert process.stdout is not None  # stdout=PIPE
         try:
             for line in process.stdout:
                 write(line)

@@ -15,7 +15,8 @@ inside double quotes, never text pasted into a quoted string.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Mapping, Sequence
 
 from nnunet_ext.cluster.quoting import check_text, shell_command, shell_word
 from nnunet_ext.cluster.spec import CASCADE, NNUNET_PATH_VARIABLES, JobSpec
@@ -71,7 +72,7 @@ class Workflow:
         raise KeyError(name)
 
 
-def training_tasks(spec: JobSpec, configurations) -> tuple[tuple[tuple[str, str], ...], ...]:
+def training_tasks(spec: JobSpec, configurations: Sequence[str]) -> tuple[tuple[tuple[str, str], ...], ...]:
     """One task per (trainer, configuration, fold), trainer-major: the order of the array indices."""
     return tuple((("TRAINER", t), ("CONFIGURATION", c), ("FOLD", str(f)))
                  for t in spec.trainers for c in configurations for f in spec.folds)
@@ -125,22 +126,23 @@ def _preprocess_body(spec: JobSpec) -> tuple[str, ...]:
     return (shell_command("skip_if_done", f"{spec.plans}.json"), *lines, "mark_done")
 
 
-def build_workflow(spec: JobSpec, environ: dict | None = None) -> Workflow:
+def build_workflow(spec: JobSpec, environ: Mapping[str, str] | None = None) -> Workflow:
     """The DAG for ``spec``. nnU-Net's folder variables come from ``spec.environment``, else ``environ``."""
-    environ = os.environ if environ is None else environ
+    variables: Mapping[str, str] = os.environ if environ is None else environ
     env = dict(spec.environment)
     for name in NNUNET_PATH_VARIABLES:
-        if name not in env and environ.get(name):
+        if name not in env and variables.get(name):
             env[name] = check_text(f"environment variable {name} (exported in every job)",
-                                   os.path.abspath(environ[name]))
-    cpu = dict(partition=spec.partition_cpu, account=spec.account, mem=spec.mem, cpus=spec.cpus)
-    gpu = dict(partition=spec.partition_gpu, account=spec.account, gres=spec.gres)
+                                   os.path.abspath(variables[name]))
+    # each step's resources are one of these with its time (and, for the GPU steps, memory and counts)
+    cpu = Resources(partition=spec.partition_cpu, account=spec.account, mem=spec.mem, cpus=spec.cpus)
+    gpu = Resources(partition=spec.partition_gpu, account=spec.account, gres=spec.gres)
     gpu_for = (lambda n: n) if spec.device == "cuda" else (lambda n: 0)
 
     steps = [Step("preprocess", "plan and preprocess the dataset", _preprocess_body(spec),
-                  Resources(time=spec.time_preprocess, **cpu))]
-    train_resources = Resources(time=spec.time_train, mem=spec.mem_train or spec.mem,
-                                cpus=spec.cpus_per_gpu * spec.gpus_per_job, gpus=gpu_for(spec.gpus_per_job), **gpu)
+                  replace(cpu, time=spec.time_preprocess))]
+    train_resources = replace(gpu, time=spec.time_train, mem=spec.mem_train or spec.mem,
+                              cpus=spec.cpus_per_gpu * spec.gpus_per_job, gpus=gpu_for(spec.gpus_per_job))
     plain = [c for c in spec.configurations if c != CASCADE]
     steps.append(Step("train", f"train {len(spec.trainers)} trainer(s) x {len(plain)} configuration(s) x "
                                f"{len(spec.folds)} fold(s), one fold per task", _train_body(spec), train_resources,
@@ -156,20 +158,22 @@ def build_workflow(spec: JobSpec, environ: dict | None = None) -> Workflow:
     if not spec.ensembling:
         find_best += " --disable_ensembling"
     steps.append(Step("find_best", "cross-validation results, best model or ensemble, postprocessing",
-                      (find_best,), Resources(time=spec.time_find_best, **cpu), after=(last_training,)))
+                      (find_best,), replace(cpu, time=spec.time_find_best), after=(last_training,)))
     if spec.predict_input is not None:
+        assert spec.predict_output is not None, "build_spec refuses predict_input without predict_output"
         predict_output = os.path.abspath(spec.predict_output)
         predict = shell_command("python", "-m", "nnunet_ext.cluster.predict_best", "-d", spec.dataset,
                        "-i", os.path.abspath(spec.predict_input), "-o", predict_output,
                        "-device", spec.device, "-np", spec.num_processes)
         steps.append(Step("predict", "predict with the best model or ensemble, then its postprocessing", (predict,),
-                          Resources(time=spec.time_predict, mem=spec.mem, cpus=spec.cpus_per_gpu,
-                                    gpus=gpu_for(1), **gpu), after=("find_best",)))
+                          replace(gpu, time=spec.time_predict, mem=spec.mem, cpus=spec.cpus_per_gpu,
+                                  gpus=gpu_for(1)), after=("find_best",)))
         if spec.submit_challenge is not None:
+            assert spec.submit_output is not None, "build_spec refuses submit_challenge without submit_output"
             submit = ["nnunet-ext", "submit", spec.submit_challenge, predict_output,
                       os.path.abspath(spec.submit_output), "--images", os.path.abspath(spec.predict_input)]
             if spec.submit_task:
                 submit += ["--task", spec.submit_task]
             steps.append(Step("submit", f"{spec.submit_challenge} submission files, validated",
-                              (shell_command(*submit),), Resources(time=spec.time_submit, **cpu), after=("predict",)))
+                              (shell_command(*submit),), replace(cpu, time=spec.time_submit), after=("predict",)))
     return Workflow(spec, tuple(steps), tuple(env.items()))

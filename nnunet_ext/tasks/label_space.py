@@ -169,7 +169,7 @@ def build_label_space(sources: Sequence[SourceLabels], share: bool = True, separ
     _check_kinds_across_sources(sources, renamed)
     plains = [_check_source(s) for s in sources]
 
-    separate = set(separate)
+    kept_apart = set(separate)
     merged: dict[str, int] = {BACKGROUND: 0}
     seen_spelling: dict[str, tuple[str, str, str]] = {}  # normalised -> (merged name, source, task)
     per_task: dict[str, tuple[dict[str, int], dict[int, int]]] = {}
@@ -183,7 +183,7 @@ def build_label_space(sources: Sequence[SourceLabels], share: bool = True, separ
                 has_ignore = True
                 continue  # gets its value once all other labels are known
             base = names.get(name, name)
-            merged_name = base if share and base not in separate else f"{source.task}_{base}"
+            merged_name = base if share and base not in kept_apart else f"{source.task}_{base}"
             key = _normalised(merged_name)
             if key in seen_spelling and seen_spelling[key][0] != merged_name:
                 other_name, other_source, other_task = seen_spelling[key]

@@ -12,7 +12,7 @@ task equally often, as UniSeg's per-task iteration budget), or an explicit ``{ta
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -20,6 +20,8 @@ from nnunet_ext import compat
 from nnunet_ext.tasks.task_map import TaskMap, TaskMapError
 
 TASK_WEIGHTING = ("cases", "uniform")
+# nnU-Net's class, through compat; annotated so that mypy (which does not read nnU-Net) accepts it as a base
+nnUNetDataLoader: type[Any] = compat.nnunet_data_loader_class()
 
 
 def task_probabilities(task_map: TaskMap, cases_per_task: Mapping[int, int],
@@ -52,7 +54,7 @@ def cases_by_task(task_map: TaskMap, identifiers: Sequence[str]) -> dict[int, li
     return grouped
 
 
-class TaskAwareDataLoader(compat.nnunet_data_loader_class()):
+class TaskAwareDataLoader(nnUNetDataLoader):
     """nnU-Net's data loader drawing each batch from a single task; adds ``task_id`` to the batch."""
 
     def __init__(self, data, batch_size: int, patch_size, final_patch_size, label_manager, task_map: TaskMap,

@@ -127,15 +127,17 @@ class TaskMap:
     def from_dataset_json(cls, dataset_json: Mapping[str, Any] | str | os.PathLike) -> "TaskMap":
         """From a merged dataset.json (its path or its loaded content)."""
         where = "dataset.json"
-        if not isinstance(dataset_json, Mapping):
+        if isinstance(dataset_json, Mapping):
+            content: Mapping[str, Any] = dataset_json
+        else:
             where = os.fspath(dataset_json)
             with open(where, encoding="utf-8") as handle:
-                dataset_json = json.load(handle)
-        if TASKS_KEY not in dataset_json:
+                content = json.load(handle)
+        if TASKS_KEY not in content:
             raise TaskMapError(f"{where} has no 'tasks' section, so it is not a merged multi-dataset. Create one "
                                f"with 'nnunet-ext merge -d ID ID ... -o NEW_ID'.")
-        task_map = cls.from_dict(dataset_json[TASKS_KEY])
-        declared = dataset_json.get("labels")
+        task_map = cls.from_dict(content[TASKS_KEY])
+        declared = content.get("labels")
         if isinstance(declared, Mapping) and any(declared.get(n) != v for n, v in task_map.labels.items()):
             raise TaskMapError(f"{where}: the tasks' labels disagree with its 'labels'; re-create the merged "
                                f"dataset with 'nnunet-ext merge'.")
@@ -253,7 +255,7 @@ class TaskMap:
     def to_source_lut(self, key: str | int) -> np.ndarray:
         """Lookup table merged value -> source value; classes the task does not annotate -> 0."""
         task = self.task(key)
-        lut = np.zeros(max(self._labels.values()) + 1, dtype=np.int64)
+        lut: np.ndarray = np.zeros(max(self._labels.values()) + 1, dtype=np.int64)
         for merged, source in task.to_source.items():
             lut[merged] = source
         return lut

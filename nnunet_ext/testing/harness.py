@@ -136,7 +136,9 @@ def plan_and_preprocess(root: NnUNetRoot, configuration: str = "3d_fullres", pla
     if (root.preprocessed / root.dataset_name / f"{plans}.json").is_file() and \
             (root.preprocessed / root.dataset_name / f"{plans}_{configuration}").is_dir():
         return
-    run_stock(["nnUNetv2_plan_and_preprocess", "-d", root.dataset_id, "-c", configuration, "-np", 1,
+    # -npfp 1: nnU-Net's fingerprint extraction otherwise spawns 8 processes, each importing torch and nnU-Net
+    # (about 15 s on 2 cores for a dataset of a few tiny cases)
+    run_stock(["nnUNetv2_plan_and_preprocess", "-d", root.dataset_id, "-c", configuration, "-np", 1, "-npfp", 1,
                "--verify_dataset_integrity"], root.env())
 
 

@@ -26,8 +26,9 @@ import torch
 
 from nnunet_ext import compat
 
-nnUNetBaseDataset = compat.nnunet_base_dataset_class()
-nnUNetDataLoader = compat.nnunet_data_loader_class()
+# nnU-Net's classes, through compat; annotated so that mypy (which does not read nnU-Net) accepts them as bases
+nnUNetBaseDataset: type[Any] = compat.nnunet_base_dataset_class()
+nnUNetDataLoader: type[Any] = compat.nnunet_data_loader_class()
 
 
 def per_process_batch_size(global_batch_size: int, world_size: int, rank: int) -> int:
