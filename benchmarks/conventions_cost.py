@@ -104,7 +104,7 @@ def measure(name: str, args: argparse.Namespace, device: torch.device) -> dict:
         network, x = build(name, conventions, args.paper, device)
         steps[conventions] = step_function(network, network, x)
         flops[conventions] = step_flops(steps[conventions])  # also the warm-up
-    best = alternating_best(steps, device, args.repeats, args.steps)
+    best = alternating_best(steps, device, args.repeats, args.steps, args.clock)
     memory = {c: peak_memory_mb(steps[c], device) for c in CONVENTIONS}
     return {"network": name, "official_kwargs": dict(paper_networks()[name].official_kwargs),
             "default_s": best["default"], "official_s": best["official"],

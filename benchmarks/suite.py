@@ -9,12 +9,14 @@ It writes ``benchmarks/results/<device>[-quick].md`` and ``.json`` (``--out STEM
 rewritten after every measurement, with the device, the torch/nnunetv2 versions and the settings at
 the top. Per trainer of ``nnunet_ext/registry.py`` (``--trainers`` for some of them):
 
-* time per training epoch (``--iterations`` calls of the trainer's own ``train_step``) and its ratio to
+* time per training epoch (``--iterations`` calls of the trainer's own ``train_step``; the median step
+  of ``--rounds`` epochs in which the trainers take turns step by step) and its ratio to
   ``nnUNetTrainer`` on the same dataset, plans and configuration (:func:`suite_workers.train_epochs`);
 * peak memory of a few iterations and its ratio (CUDA: ``torch.cuda.max_memory_allocated``; CPU: the
   growth of the process's peak resident memory, ``ru_maxrss``; :func:`suite_workers.peak_memory`);
 * inference time per case with nnU-Net's predictor, against ``nnUNetTrainer``'s model predicting the
-  same cases as ``nnUNetv2_predict`` does (:func:`suite_workers.predict_cases`);
+  same cases as ``nnUNetv2_predict`` does (:func:`suite_workers.predict_cases`), and the FLOPs of one
+  sliding-window step of the predicting network (:func:`suite_workers.patch_gflop`);
 * with compile on (default except ``--quick``): the same epoch and inference measurements under
   ``nnUNet_compile=t``, as ratios to eager. nnU-Net's trainer never compiles on a CPU; there the suite
   switches nnU-Net's compile path on for every trainer that does not itself refuse compiling. A trainer
@@ -25,6 +27,11 @@ to keep it): single-dataset trainers on a plain dataset, semi-supervised ones on
 ``imagesUnlabeled``, ClassSAM on its 2d configuration (``--sam-model-type``: ``tiny`` with ``--quick``,
 else ``vit_b``; random SAM weights), universal trainers on the merged partially labelled family.
 Model weights are the ones after the timed epochs (timing does not depend on them).
+
+Times (``--clock``): on a CPU the CPU time of the measuring process with one torch thread by default
+(``--threads``), which other jobs on a shared machine change little (elapsed time with two threads on
+two busy cores varied 7-fold for the same step); ``--clock wall`` for elapsed time, the only clock on
+CUDA. The 1-minute load average before and after every measuring process is in the report.
 
 ``--time-limit MINUTES``: no new measurement starts after it (the ones left are marked skipped), so a
 run under a wall-clock limit still writes its table. Eager measurements of every dataset come first.
@@ -71,7 +78,7 @@ class Preset:
 PRESETS = {
     "quick": Preset(plain=SyntheticSpec(num_training=6, num_test=2, shape=(16, 40, 40), spacing=(2.5, 1.0, 1.0)),
                     universal=SyntheticSpec(num_training=4, num_test=1, shape=(16, 40, 40), spacing=(2.5, 1.0, 1.0)),
-                    unlabeled=4, iterations=2, rounds=1, memory_steps=2, cases=1, compile=False,
+                    unlabeled=4, iterations=2, rounds=3, memory_steps=2, cases=1, compile=False,
                     sam_model_type="tiny"),
     "full": Preset(plain=SyntheticSpec(num_training=6, num_test=2, shape=(64, 160, 160), spacing=(2.5, 1.0, 1.0)),
                    universal=SyntheticSpec(num_training=4, num_test=1, shape=(64, 160, 160), spacing=(2.5, 1.0, 1.0)),
@@ -115,7 +122,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--trainers", nargs="+", default=None, metavar="NAME",
                         help="registered trainers to measure (default: all); nnUNetTrainer is always the baseline")
     parser.add_argument("--iterations", type=int, default=None, help="train_step calls per timed epoch")
-    parser.add_argument("--rounds", type=int, default=None, help="timed epochs / inference rounds after warm-up")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="timed epochs (their steps, in turns) / inference rounds after warm-up")
     parser.add_argument("--memory-steps", type=int, default=None)
     parser.add_argument("--cases", type=int, default=None, help="test cases predicted per dataset")
     compile_group = parser.add_mutually_exclusive_group()
@@ -125,6 +133,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-mirroring", action="store_true", help="predict without test-time mirroring")
     parser.add_argument("--sam-model-type", default=None, choices=["tiny", "vit_b", "vit_l", "vit_h"],
                         help="ClassSAM's SAM size, random weights (default tiny with --quick, else vit_b)")
+    parser.add_argument("--clock", default=None, choices=["cpu", "wall"],
+                        help="cpu: CPU time of the measuring process (default on a CPU; little changed by other "
+                             "jobs on a shared machine); wall: elapsed time (CUDA: the only choice)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of the measuring processes on a CPU (default 1 with --clock cpu, "
+                             "else every core)")
     parser.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
                         help="start no measurement after this many minutes (the rest is marked skipped)")
     parser.add_argument("--workdir", default=None, help="keep datasets and models here (default: a temporary folder)")
@@ -135,7 +149,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             from nnunet_ext.registry import unknown_name_message
 
             parser.error(unknown_name_message("trainer", name, list(known)))
-    for option in ("iterations", "rounds", "memory_steps", "cases"):
+    for option in ("iterations", "rounds", "memory_steps", "cases", "threads"):
         value = getattr(args, option)
         if value is not None and value < 1:
             parser.error(f"--{option.replace('_', '-')} must be at least 1, not {value}")
@@ -151,6 +165,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def cpu_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def measuring_threads(args: argparse.Namespace, device: dict) -> int:
+    """Torch threads of the measuring processes: ``--threads``, else 1 for the CPU clock (one thread
+    burns no CPU time waiting for a sibling thread that other jobs keep off a core), else every core."""
+    if args.threads:
+        return args.threads
+    if args.clock == "cpu" and device["type"] == "cpu":
+        return 1
+    return int(os.environ.get("OMP_NUM_THREADS", cpu_cores()))
+
+
+def resolve_clock(args: argparse.Namespace, device: dict) -> None:
+    """``args.clock``: as asked, else ``cpu`` on a CPU and ``wall`` on CUDA (CPU time says nothing of a GPU)."""
+    if args.clock is None:
+        args.clock = "cpu" if device["type"] == "cpu" else "wall"
+    elif args.clock == "cpu" and device["type"] == "cuda":
+        raise SystemExit("--clock cpu measures CPU time, not GPU time: use --clock wall on CUDA.")
+
+
+def load_average() -> float | None:
+    """The machine's 1-minute load average (None where the OS has none)."""
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
 
 
 def device_info(requested: str) -> dict:
@@ -218,12 +255,13 @@ def _stock_env(root) -> dict:
     return env
 
 
-def _run_env(root) -> dict:
+def _run_env(root, threads: int | None = None) -> dict:
     """The environment of the measurements: a normal schedule (every trainer's learning rate is its first
-    epoch's) and batches made in the measuring process, outside the clock (``nnUNet_n_proc_DA=0``, which
-    nnU-Net's planner cannot take: it sets torch's threads from it)."""
+    epoch's), batches made in the measuring process, outside the clock (``nnUNet_n_proc_DA=0``, which
+    nnU-Net's planner cannot take: it sets torch's threads from it), ``threads`` torch threads (default
+    as for the stock commands)."""
     env = root.env(epochs=1000, iterations=250)
-    env.update(nnUNet_n_proc_DA="0", OMP_NUM_THREADS=_stock_env(root)["OMP_NUM_THREADS"])
+    env.update(nnUNet_n_proc_DA="0", OMP_NUM_THREADS=str(threads or _stock_env(root)["OMP_NUM_THREADS"]))
     return env
 
 
@@ -272,7 +310,8 @@ def _group(key: str, description: str, root, configuration: str, trainers: list[
                  configuration, (BASELINE, *trainers), env, cases, tuple(spec.shape))
 
 
-def prepare_groups(base: Path, trainer_paths: list[str], preset: Preset, sam_model_type: str) -> list[Group]:
+def prepare_groups(base: Path, trainer_paths: list[str], preset: Preset, sam_model_type: str,
+                   threads: int | None = None) -> list[Group]:
     """Write, plan and preprocess the datasets the trainers need; one group per dataset and configuration."""
     kinds = {path: trainer_kind(path) for path in trainer_paths}
     by_kind = {kind: [path for path in trainer_paths if kinds[path] == kind]
@@ -283,7 +322,7 @@ def prepare_groups(base: Path, trainer_paths: list[str], preset: Preset, sam_mod
                          (["2d"] if by_kind["class_sam"] else [])
         unlabeled = preset.unlabeled if by_kind["semi"] else 0
         root = plain_root(base, preset.plain, configurations, unlabeled)
-        env = _run_env(root)
+        env = _run_env(root, threads)
         plain = preset.plain
         counts = f"{plain.num_training}/{plain.num_test}" + (f" + {unlabeled} unlabelled" if unlabeled else "")
         if by_kind["single"] or by_kind["semi"]:
@@ -298,7 +337,7 @@ def prepare_groups(base: Path, trainer_paths: list[str], preset: Preset, sam_mod
         root = universal_root(base, preset.universal)
         spec = preset.universal
         groups.append(_group("universal-3d", "merged partially labelled family (3 tasks; 1, 2, 4 channels)", root,
-                             "3d_fullres", by_kind["universal"], _run_env(root), spec,
+                             "3d_fullres", by_kind["universal"], _run_env(root, threads), spec,
                              f"3 x {spec.num_training}/{spec.num_test}"))
     return groups
 
@@ -343,7 +382,14 @@ class Suite:
         return self.deadline is not None and time.time() > self.deadline
 
     def _run(self, function, arguments: tuple, env: dict):
-        return suite_workers.run(function, arguments, env, self.inline, self.preload)
+        """``function(*arguments)`` in a measuring process; the machine's load before and after it goes
+        into the report (``load_average``), to be stated next to the times."""
+        loads = self.report.setdefault("load_average", [])
+        loads.append(load_average())
+        try:
+            return suite_workers.run(function, arguments, env, self.inline, self.preload)
+        finally:
+            loads.append(load_average())
 
     def _skip(self, rows, mode: str, what: str) -> None:
         for row in rows:
@@ -363,7 +409,8 @@ class Suite:
             return
         trained = self._run(suite_workers.train_epochs,
                             (list(group.trainers), group.dataset_folder, group.configuration, self.device,
-                             settings["iterations"], settings["rounds"], compiled, self.deadline, not compiled), env)
+                             settings["iterations"], settings["rounds"], compiled, self.deadline, not compiled,
+                             settings["clock"]), env)
         self._merge(rows, mode, trained)
         for path, row in rows.items():
             if row[mode].get("model_folder"):
@@ -389,7 +436,7 @@ class Suite:
             output = self.workdir / "predictions" / group.key / mode
             predicted = self._run(suite_workers.predict_cases,
                                   (models, cases, str(output), self.device, settings["rounds"],
-                                   settings["mirroring"], self.deadline), env)
+                                   settings["mirroring"], self.deadline, settings["clock"]), env)
             self._merge(rows, mode, predicted)
         self.save()
 
@@ -410,10 +457,11 @@ class Suite:
 
 
 def new_report(args: argparse.Namespace, device: dict, argv: list[str] | None) -> dict:
+    resolve_clock(args, device)
     settings = {"preset": "quick" if args.quick else "full", "iterations": args.iterations, "rounds": args.rounds,
                 "memory_steps": args.memory_steps, "cases": args.cases, "compile": args.compile,
-                "mirroring": not args.no_mirroring, "sam_model_type": args.sam_model_type,
-                "threads": None if device["type"] == "cuda" else int(os.environ.get("OMP_NUM_THREADS", cpu_cores())),
+                "mirroring": not args.no_mirroring, "sam_model_type": args.sam_model_type, "clock": args.clock,
+                "threads": measuring_threads(args, device), "cores": device["cores"],
                 "memory_measure": "torch.cuda.max_memory_allocated" if device["type"] == "cuda" else
                 "CPU peak resident memory growth (ru_maxrss) over the process's state after on_train_start",
                 "time_limit_minutes": args.time_limit}
@@ -431,7 +479,13 @@ def run_suite(args: argparse.Namespace, workdir: Path, argv: list[str] | None = 
     trainer_paths = [known[name] for name in (args.trainers or list(known))]
     out = Path(args.out) if args.out else RESULTS / (device["slug"] + ("-quick" if args.quick else ""))
     report = new_report(args, device, argv)
-    groups = prepare_groups(workdir, trainer_paths, args.preset, args.sam_model_type)
+    threads = report["settings"]["threads"]
+    groups = prepare_groups(workdir, trainer_paths, args.preset, args.sam_model_type, threads)
+    if report["settings"]["clock"] == "cpu":
+        # nnU-Net's export (inside the timed prediction) runs nnUNet_def_n_proc torch threads (default 8),
+        # read when nnunetv2 is imported: the measuring threads too, set before the measuring processes'
+        # forkserver starts and imports nnunetv2
+        os.environ["nnUNet_def_n_proc"] = str(threads)
     for group in groups:
         report["groups"][group.key] = {"description": group.description, "configuration": group.configuration,
                                        "cases": group.cases, "shape": list(group.shape),

@@ -20,6 +20,7 @@ RATIOS = {
     "epoch_vs_baseline": ("eager", "epoch_s", "baseline"),
     "memory_vs_baseline": ("eager", "peak_memory_gb", "baseline"),
     "predict_vs_baseline": ("eager", "predict_s_per_case", "baseline"),
+    "flop_vs_baseline": ("eager", "predict_gflop_per_patch", "baseline"),
     "compiled_epoch_vs_eager": ("compiled", "epoch_s", "eager"),
     "compiled_predict_vs_eager": ("compiled", "predict_s_per_case", "eager"),
 }
@@ -75,6 +76,26 @@ def _shape(measured: dict) -> str:
     return f"{'x'.join(map(str, patch))} x {per_iteration}"
 
 
+def _clock_text(settings: dict) -> str:
+    threads = settings.get("threads")
+    threads_text = f"{threads} torch thread(s)" if threads else "torch's default threads"
+    if settings.get("clock") == "cpu":
+        return (f"CPU time of the measuring process ({threads_text}; time.process_time), not elapsed time: other "
+                f"jobs on a shared machine change it little")
+    return f"elapsed time ({threads_text} on a CPU; CUDA synchronised before and after)"
+
+
+def _load_text(report: dict) -> str:
+    """The 1-minute load averages sampled before and after every measuring process."""
+    loads = sorted(load for load in report.get("load_average", []) if load is not None)
+    if not loads:
+        return "not recorded"
+    cores = report.get("settings", {}).get("cores") or report.get("device", {}).get("cores")
+    median = loads[len(loads) // 2]
+    return (f"1-minute load average {loads[0]:.1f} to {loads[-1]:.1f} (median {median:.1f}) during the "
+            f"measurements" + (f", on {cores} cores" if cores else ""))
+
+
 def header_lines(report: dict) -> list[str]:
     device, versions, settings = report["device"], report["versions"], report["settings"]
     versions_text = ", ".join(f"{name} {version}" for name, version in versions.items())
@@ -82,9 +103,12 @@ def header_lines(report: dict) -> list[str]:
              f"- Device: {device['label']}",
              f"- Versions: {versions_text}",
              f"- Command: `{report['command']}` ({report['created']}; {report.get('status', 'complete')})",
+             f"- Times: {_clock_text(settings)}",
+             f"- Machine load: {_load_text(report)}",
              f"- Training: time per epoch of {settings['iterations']} `train_step` iteration(s) (batches made before "
-             f"the clock starts), median of {settings['rounds']} epoch(s) after 1 warm-up epoch; the trainers of a "
-             f"dataset take turns in one process",
+             f"the clock starts): the median of {settings['rounds'] * settings['iterations']} measured steps times "
+             f"{settings['iterations']}, after 1 warm-up epoch; the trainers of a dataset live in one process and "
+             f"take turns step by step",
              f"- Peak memory: {settings['memory_measure']}, {settings['memory_steps']} iteration(s), each trainer "
              f"alone in a fresh process",
              f"- Inference: nnU-Net's predictor as `nnUNetv2_predict` configures it (mirroring "
@@ -92,6 +116,8 @@ def header_lines(report: dict) -> list[str]:
              f"(preprocessing, sliding window, export), {settings['cases']} case(s) per dataset, median of "
              f"{settings['rounds']} round(s) after 1 warm-up round; task-conditioned models predict each case "
              f"as its own task",
+             "- GFLOP/patch: one sliding-window step of the predicting network (batch 1, one patch), counted by "
+             "PyTorch's FlopCounterMode (convolutions, matrix products; not grid_sample): independent of the load",
              "- Ratios: against `nnUNetTrainer` on the same dataset, plans and configuration, measured in the "
              "same run (x nnUNetv2_predict: its model predicting the same cases)"]
     return lines
@@ -108,14 +134,15 @@ def markdown(report: dict) -> str:
                      f"{'x'.join(map(str, group['shape']))} | {group['baseline']} |")
     lines += ["", "## Training and inference (eager)", "",
               "| Trainer | Data | Patch x patches/it | Epoch (s) | x nnUNetTrainer | Peak memory (GB) | "
-              "x nnUNetTrainer | Predict (s/case) | x nnUNetv2_predict | Note |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "x nnUNetTrainer | Predict (s/case) | x nnUNetv2_predict | GFLOP/patch | x nnUNetv2_predict | Note |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in report["rows"]:
         eager, ratios = row.get("eager", {}), row.get("ratios", {})
         lines.append(f"| {row['trainer']} | {row['group']} | {_shape(eager)} | {_cell(eager.get('epoch_s'))} | "
                      f"{_times(ratios.get('epoch_vs_baseline'))} | {_cell(eager.get('peak_memory_gb'))} | "
                      f"{_times(ratios.get('memory_vs_baseline'))} | {_cell(eager.get('predict_s_per_case'))} | "
-                     f"{_times(ratios.get('predict_vs_baseline'))} | {_note(eager)} |")
+                     f"{_times(ratios.get('predict_vs_baseline'))} | {_cell(eager.get('predict_gflop_per_patch'))} | "
+                     f"{_times(ratios.get('flop_vs_baseline'))} | {_note(eager)} |")
     if report["settings"].get("compile"):
         lines += ["", "## Eager vs compiled (`nnUNet_compile=t`)", "",
                   "| Trainer | Data | Compile | Epoch eager (s) | Epoch compiled (s) | compiled / eager | "

@@ -11,6 +11,7 @@ nnU-Net and the trainers once (so a child costs no imports), or inline for the t
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import multiprocessing
 import os
@@ -24,7 +25,7 @@ from typing import Any, Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from trainer_steps import _child, _child_setup, _peak_rss_gb, _timed_step  # noqa: E402
+from trainer_steps import _child, _child_setup, _peak_rss_gb  # noqa: E402
 
 from nnunet_ext import compat  # noqa: E402
 from nnunet_ext.registry import import_object  # noqa: E402
@@ -96,6 +97,28 @@ def _cuda_sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+#: the suite's clocks: ``wall`` elapsed time (CUDA: after synchronising), ``cpu`` the CPU time of the
+#: measuring process (all its threads; CPU devices only), which other jobs on a shared machine change
+#: little when the process runs one thread
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def timed(function: Callable[[], Any], device: torch.device, clock: str) -> float:
+    """Seconds of ``function()`` on ``clock`` (one of :data:`CLOCKS`)."""
+    now = CLOCKS[clock]
+    _cuda_sync(device)
+    start = now()
+    function()
+    _cuda_sync(device)
+    return now() - start
+
+
+def timed_step(trainer, clock: str) -> tuple[float, int]:
+    """Seconds of one ``train_step`` (its batch is made before the clock starts) and its patch count."""
+    batch = next(trainer.dataloader_train)
+    return timed(lambda: trainer.train_step(batch), trainer.device, clock), int(batch["data"].shape[0])
+
+
 def _compile_switch(trainer) -> str:
     """Turn nnU-Net's compile switch on for ``trainer`` (``nnUNet_compile=t`` is in the environment);
     returns how: ``nnU-Net`` (its own rule compiles, e.g. on CUDA), ``forced on CPU`` (only nnU-Net's rule
@@ -135,17 +158,20 @@ def _describe(trainer, how: str | None) -> dict:
 
 
 def train_epochs(trainer_paths: list[str], dataset_folder: str, configuration: str, device: str, iterations: int,
-                 rounds: int, compiled: bool, deadline: float | None, save_models: bool) -> dict:
+                 rounds: int, compiled: bool, deadline: float | None, save_models: bool, clock: str = "wall") -> dict:
     """Seconds per training epoch of ``iterations`` ``train_step`` calls for every trainer, in one process.
 
-    The trainers take turns, one epoch each per round, so that a change of machine load touches them
-    alike; round 0 is warm-up (under compile it includes compiling: reported as ``first_epoch_s``), the
-    median of the ``rounds`` others is ``epoch_s``. Batches come from each trainer's own loader and are
-    made before the clock starts (``nnUNet_n_proc_DA=0``; nnU-Net hides data loading behind background
-    workers in real training). After ``deadline`` (``time.time()``) no trainer starts an epoch, except
-    its first one after the warm-up (so a compiled trainer is measured once). With ``save_models``
-    every trainer then writes ``checkpoint_final.pth`` into its own fold folder (nnU-Net's
-    ``save_checkpoint``), making a model folder for the inference measurements.
+    First a warm-up epoch of every trainer (under compile it includes compiling: reported as
+    ``first_epoch_s``). Then ``rounds`` x ``iterations`` measured steps in which the trainers take
+    turns step by step, so that a change of machine load touches them alike; ``epoch_s`` is the
+    median step times ``iterations`` (a median over many steps is robust to a burst of other load,
+    which a single epoch per trainer is not). Times on ``clock`` (:data:`CLOCKS`). Batches come from
+    each trainer's own loader and are made before the clock starts (``nnUNet_n_proc_DA=0``; nnU-Net
+    hides data loading behind background workers in real training). After ``deadline``
+    (``time.time()``) no trainer starts its warm-up, and no step starts once every trainer has one
+    epoch's worth of measured steps. With ``save_models`` every trainer then writes
+    ``checkpoint_final.pth`` into its own fold folder (nnU-Net's ``save_checkpoint``), making a model
+    folder for the inference measurements.
     """
     results: dict[str, dict] = {path: {} for path in trainer_paths}
     trainers = {}
@@ -160,33 +186,39 @@ def train_epochs(trainer_paths: list[str], dataset_folder: str, configuration: s
             results[path]["skipped"] = f"compile {how}"
             continue
         trainers[path] = trainer
-    epochs: dict[str, list[float]] = {path: [] for path in trainers}
-    for round_index in range(rounds + 1):
-        for path, trainer in list(trainers.items()):
-            if _late(deadline) and (round_index == 0 or epochs[path]):
-                if round_index == 0:
-                    results[path]["skipped"] = "training: time limit reached"
-                    del trainers[path]
-                continue
-            try:
-                seconds, patches = 0.0, 0
-                for _ in range(iterations):
-                    step_seconds, count = _timed_step(trainer)
-                    seconds, patches = seconds + step_seconds, max(patches, count)
-            except Exception as error:  # noqa: BLE001 - e.g. a compile failure at the first step
-                results[path] = {**results[path], "error": one_line(error)}
-                del trainers[path]
-                continue
-            results[path]["patches_per_iteration"] = patches
-            if round_index == 0:
-                results[path]["first_epoch_s"] = round(seconds, 4)
-            else:
-                epochs[path].append(seconds)
+
+    def step(path: str) -> float | None:
+        """One step of ``path``'s trainer; None (and the trainer dropped) if it fails."""
+        try:
+            seconds, patches = timed_step(trainers[path], clock)
+        except Exception as error:  # noqa: BLE001 - e.g. a compile failure at the first step
+            results[path] = {**results[path], "error": one_line(error)}
+            del trainers[path]
+            return None
+        results[path]["patches_per_iteration"] = patches
+        return seconds
+
+    for path in list(trainers):  # warm-up epoch
+        if _late(deadline):
+            results[path]["skipped"] = "training: time limit reached"
+            del trainers[path]
+            continue
+        seconds = [step(path) for _ in range(iterations) if path in trainers]
+        if path in trainers:
+            results[path]["first_epoch_s"] = round(sum(seconds), 4)
+    steps: dict[str, list[float]] = {path: [] for path in trainers}
+    for _ in range(rounds * iterations):
+        if _late(deadline) and all(len(steps[path]) >= iterations for path in trainers):
+            break
+        for path in list(trainers):
+            seconds = step(path)
+            if seconds is not None:
+                steps[path].append(seconds)
     for path, trainer in trainers.items():
-        if epochs[path]:
-            median = statistics.median(epochs[path])
-            results[path].update(epoch_s=round(median, 4), iteration_s=round(median / iterations, 4),
-                                 measured_epochs=len(epochs[path]))
+        if steps[path]:
+            median = statistics.median(steps[path])
+            results[path].update(epoch_s=round(median * iterations, 4), iteration_s=round(median, 4),
+                                 measured_steps=len(steps[path]))
         if save_models:
             try:
                 trainer.save_checkpoint(os.path.join(trainer.output_folder, CHECKPOINT))
@@ -210,7 +242,7 @@ def peak_memory(trainer_path: str, dataset_folder: str, configuration: str, devi
     rss_before = _peak_rss_gb()
     try:
         for _ in range(steps):
-            _timed_step(trainer)
+            timed_step(trainer, "wall")
     except Exception as error:  # noqa: BLE001
         return {"error": one_line(error)}
     if trainer.device.type == "cuda":
@@ -234,8 +266,31 @@ def _task_setter(predictor, model_folder: str):
     return lambda case: network.set_task(task_map.task_of_case(case).task_id)
 
 
+def patch_gflop(predictor, set_task, case: str) -> float | None:
+    """GFLOP of one sliding-window step of ``predictor``'s network (batch 1, one patch, as the predictor
+    runs it: eval mode, no deep supervision; task of ``case``), counted by PyTorch's FlopCounterMode
+    (convolutions and matrix products; not e.g. ``grid_sample``). Independent of the machine's load;
+    None if it cannot be counted."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    network = getattr(predictor.network, "_orig_mod", predictor.network)
+    try:
+        if set_task is not None:
+            set_task(case)
+        patch = [int(edge) for edge in predictor.configuration_manager.patch_size]
+        channels = len(predictor.dataset_json["channel_names"])
+        parameter = next(network.parameters())
+        # with autograd on: FlopCounterMode's module tracker fails without it on modules that take
+        # parameters as inputs (TransDoDNet's queries); nothing is run backward
+        with torch.enable_grad(), FlopCounterMode(display=False) as counter:
+            network(torch.zeros((1, channels, *patch), device=parameter.device, dtype=parameter.dtype))
+        return round(counter.get_total_flops() / 1e9, 4)
+    except Exception:  # noqa: BLE001 - a figure we cannot count is left out, not an error
+        return None
+
+
 def predict_cases(models: dict[str, str], cases: dict[str, list[str]], output_folder: str, device: str, rounds: int,
-                  mirroring: bool, deadline: float | None) -> dict:
+                  mirroring: bool, deadline: float | None, clock: str = "wall") -> dict:
     """Seconds per case of nnU-Net's prediction for every model, in one process.
 
     Per model (trainer import path -> model folder): nnU-Net's predictor configured as
@@ -244,7 +299,8 @@ def predict_cases(models: dict[str, str], cases: dict[str, list[str]], output_fo
     case (case id -> image files) ``predict_from_files_sequential``: nnU-Net's preprocessing, sliding
     window, export and writing, in this process. Task-conditioned models predict each case as its own
     task. Model loading is not timed. Models take turns per round; round 0 is warm-up (and compiles);
-    ``deadline`` as in :func:`train_epochs`.
+    the median of the other rounds is reported; times on ``clock`` (:data:`CLOCKS`); after ``deadline``
+    (``time.time()``) no model starts its warm-up or a round after its first measured one.
     """
     results: dict[str, dict] = {}
     predictors = {}
@@ -254,7 +310,7 @@ def predict_cases(models: dict[str, str], cases: dict[str, list[str]], output_fo
             predictor.allow_tqdm = False
             predictor.initialize_from_trained_model_folder(folder, (0,), checkpoint_name=CHECKPOINT)
             predictors[path] = (predictor, _task_setter(predictor, folder))
-            results[path] = {}
+            results[path] = {"predict_gflop_per_patch": patch_gflop(predictor, predictors[path][1], next(iter(cases)))}
         except Exception as error:  # noqa: BLE001
             results[path] = {"error": one_line(error)}
     times: dict[str, list[float]] = {path: [] for path in predictors}
@@ -272,11 +328,9 @@ def predict_cases(models: dict[str, str], cases: dict[str, list[str]], output_fo
                 for case, files in cases.items():
                     if set_task is not None:
                         set_task(case)
-                    _cuda_sync(predictor.device)
-                    start = time.perf_counter()
-                    predictor.predict_from_files_sequential([files], [str(target / case)], False, True, None)
-                    _cuda_sync(predictor.device)
-                    seconds += time.perf_counter() - start
+                    seconds += timed(functools.partial(predictor.predict_from_files_sequential, [files],
+                                                       [str(target / case)], False, True, None),
+                                     predictor.device, clock)
             except Exception as error:  # noqa: BLE001
                 results[path]["error"] = one_line(error)
                 del predictors[path]
