@@ -25,6 +25,7 @@ from typing import Any, Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from compile_cost import timed as timed_steps  # noqa: E402
 from trainer_steps import _child, _child_setup, _peak_rss_gb  # noqa: E402
 
 from nnunet_ext import compat  # noqa: E402
@@ -92,25 +93,11 @@ def _late(deadline: float | None) -> bool:
     return deadline is not None and time.time() > deadline
 
 
-def _cuda_sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-#: the suite's clocks: ``wall`` elapsed time (CUDA: after synchronising), ``cpu`` the CPU time of the
-#: measuring process (all its threads; CPU devices only), which other jobs on a shared machine change
-#: little when the process runs one thread
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-
-
 def timed(function: Callable[[], Any], device: torch.device, clock: str) -> float:
-    """Seconds of ``function()`` on ``clock`` (one of :data:`CLOCKS`)."""
-    now = CLOCKS[clock]
-    _cuda_sync(device)
-    start = now()
-    function()
-    _cuda_sync(device)
-    return now() - start
+    """Seconds of one ``function()`` call on ``clock``: ``compile_cost``'s clocks and timing (``wall``
+    elapsed time, after synchronising CUDA; ``cpu`` the CPU time of the measuring process, all its
+    threads, which other jobs on a shared machine change little when the process runs one thread)."""
+    return timed_steps(function, device, 1, clock)
 
 
 def timed_step(trainer, clock: str) -> tuple[float, int]:
@@ -165,7 +152,7 @@ def train_epochs(trainer_paths: list[str], dataset_folder: str, configuration: s
     ``first_epoch_s``). Then ``rounds`` x ``iterations`` measured steps in which the trainers take
     turns step by step, so that a change of machine load touches them alike; ``epoch_s`` is the
     median step times ``iterations`` (a median over many steps is robust to a burst of other load,
-    which a single epoch per trainer is not). Times on ``clock`` (:data:`CLOCKS`). Batches come from
+    which a single epoch per trainer is not). Times on ``clock`` (``compile_cost.CLOCKS``). Batches come from
     each trainer's own loader and are made before the clock starts (``nnUNet_n_proc_DA=0``; nnU-Net
     hides data loading behind background workers in real training). After ``deadline``
     (``time.time()``) no trainer starts its warm-up, and no step starts once every trainer has one
@@ -299,7 +286,7 @@ def predict_cases(models: dict[str, str], cases: dict[str, list[str]], output_fo
     case (case id -> image files) ``predict_from_files_sequential``: nnU-Net's preprocessing, sliding
     window, export and writing, in this process. Task-conditioned models predict each case as its own
     task. Model loading is not timed. Models take turns per round; round 0 is warm-up (and compiles);
-    the median of the other rounds is reported; times on ``clock`` (:data:`CLOCKS`); after ``deadline``
+    the median of the other rounds is reported; times on ``clock`` (``compile_cost.CLOCKS``); after ``deadline``
     (``time.time()``) no model starts its warm-up or a round after its first measured one.
     """
     results: dict[str, dict] = {}
