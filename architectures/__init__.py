@@ -8,7 +8,7 @@ official weights load; the same network where ours already is the official one).
 conventions, is checked for its exact parameter count (``tests/test_conventions.py``) and, on a
 small variant of the same class with the same convention keywords (in each convention that
 builds another network)
-(``nnunet_ext.testing.networks``), for output shapes and a finite gradient reaching every
+(``tests/small_networks.py``), for output shapes and a finite gradient reaching every
 trainable parameter (``tests/test_registry.py``) and for ``torch.compile`` (``tests/test_compile.py``).
 A new network needs its registry entry and one small-variant line. Builders are imported on
 demand: importing this package does not import any network module.

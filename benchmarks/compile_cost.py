@@ -2,7 +2,7 @@
 registered network, as a ratio measured in one run on one device.
 
 Per network (``nnunet_ext.architectures.NETWORKS``): the small variant of
-``nnunet_ext.testing.networks`` on its small input (default; a CPU measures it in seconds), or with
+``tests/small_networks.py`` on its small input (default; a CPU measures it in seconds), or with
 ``--paper`` the paper network on its paper patch, batch 2 (for a GPU). The compiled arm is
 ``torch.compile(network)`` with nnU-Net's choice of backend (inductor, the default) or ``--backend``;
 its first call (compilation, with an empty inductor cache: a fresh ``TORCHINDUCTOR_CACHE_DIR`` unless
@@ -24,6 +24,7 @@ import argparse
 import copy
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,7 +33,9 @@ from typing import Callable
 import torch
 
 from nnunet_ext.architectures import NETWORKS, paper_network
-from nnunet_ext.testing.networks import PAPER_INPUT_SHAPES, PAPER_TASKS, small_network
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))  # the small variants are test code, not in the wheel
+from small_networks import PAPER_INPUT_SHAPES, PAPER_TASKS, small_network  # noqa: E402
 
 
 def tensors(output) -> list[torch.Tensor]:

@@ -5,7 +5,7 @@ The networks whose registry entry sets ``official_kwargs`` (UniSeg and BA-Net: `
 nnU-Net v1 decoder kernels and bias-free heads; ClassSAM: ``conventions``, SurgicalSAM's preprocessing
 with PIL's uint8 resize on the CPU; CoTr and TransDoDNet: ``axis_order``, the deformable sampling
 order); the others are one network in both conventions. Each on the small variant of
-``nnunet_ext.testing.networks`` (default) or, with ``--paper``, the paper network on its paper patch,
+``tests/small_networks.py`` (default) or, with ``--paper``, the paper network on its paper patch,
 batch 2 (for a GPU).
 
 * time: both conventions in alternation, best of ``--repeats`` rounds of ``--steps`` steps

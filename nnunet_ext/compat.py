@@ -325,15 +325,21 @@ def train(dataset_id: int, configuration: str, fold: int, trainer: str, plans_id
 def predict_folder(model_folder: str | os.PathLike, input_folder: str | os.PathLike,
                    output_folder: str | os.PathLike, folds: Sequence[int], device,
                    num_processes: int = 1, checkpoint: str = "checkpoint_final.pth") -> None:
-    """What ``nnUNetv2_predict`` does, through nnU-Net's predictor (sliding window, export)."""
+    """What ``nnUNetv2_predict`` does, through nnU-Net's predictor (sliding window, export).
+
+    ``num_processes`` 0 is ``-npp 0 -nps 0``: everything in this process, no worker to start."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     predictor = nnUNetPredictor(device=device, perform_everything_on_device=device.type != "cpu",
                                 allow_tqdm=True)
     predictor.initialize_from_trained_model_folder(os.fspath(model_folder), tuple(folds), checkpoint_name=checkpoint)
-    predictor.predict_from_files(os.fspath(input_folder), os.fspath(output_folder),
-                                 num_processes_preprocessing=num_processes,
-                                 num_processes_segmentation_export=num_processes)
+    if num_processes == 0:
+        os.makedirs(output_folder, exist_ok=True)  # nnUNetv2_predict makes it before this call; the call does not
+        predictor.predict_from_files_sequential(os.fspath(input_folder), os.fspath(output_folder))
+    else:
+        predictor.predict_from_files(os.fspath(input_folder), os.fspath(output_folder),
+                                     num_processes_preprocessing=num_processes,
+                                     num_processes_segmentation_export=num_processes)
 
 
 def evaluate_folder(reference_folder: str | os.PathLike, prediction_folder: str | os.PathLike,

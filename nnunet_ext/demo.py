@@ -162,7 +162,9 @@ def run_demo(settings: DemoSettings) -> DemoResult:
         check_trainer_name(settings.trainer)
         semi_supervised = trainer_uses_unlabeled_data(settings.trainer)
         device = pick_device()
-        processes = max(1, min(4, os.cpu_count() or 1))
+        # one worker: the demo's cases take milliseconds each, while every extra worker process spends
+        # seconds importing torch and nnU-Net (on 2 CPU cores, more workers made planning slower)
+        processes = 1
 
         from nnunet_ext.demo_universal import run_universal_demo, trainer_is_universal
 
@@ -202,8 +204,7 @@ def run_demo(settings: DemoSettings) -> DemoResult:
 
         step("Predicting the held-out test cases (nnU-Net sliding-window predictor)")
         predictions = workdir / "predictions"
-        compat.predict_folder(model, raw / "imagesTs", predictions, folds=(0,), device=device,
-                              num_processes=min(2, processes))
+        compat.predict_folder(model, raw / "imagesTs", predictions, folds=(0,), device=device, num_processes=0)
 
         step("Evaluating with nnU-Net's evaluator")
         summary_json = predictions / "summary.json"

@@ -52,7 +52,7 @@ def run_universal_demo(settings, workdir, env, step, device, planner, processes:
     for source, task in zip(sources, task_map):
         predictions = workdir / "predictions" / task.name
         predict_task(model, source / "imagesTs", predictions, task.name, folds=(0,), device=device,
-                     num_processes_preprocessing=1, num_processes_export=1)
+                     num_processes_preprocessing=0, num_processes_export=0)  # in this process
         summary_json = predictions / "summary.json"
         summary = compat.evaluate_folder(source / "labelsTs", predictions, predictions / "dataset.json",
                                          model / "plans.json", summary_json, num_processes=1)

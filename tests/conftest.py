@@ -1,34 +1,35 @@
-"""Shared fixtures: one temporary nnU-Net root with the synthetic dataset for the whole session (per
-pytest-xdist worker), and the order in which files are handed to the workers."""
+"""Shared fixtures: temporary nnU-Net roots with the synthetic datasets, planned once per test run
+(planned_roots.py) and copied for each pytest-xdist worker; threads per worker."""
 from __future__ import annotations
+
+import os
+import sys
 
 import pytest
 
-from nnunet_ext.testing.harness import NnUNetRoot, make_nnunet_root, make_universal_root, plan_and_preprocess
+from planned_roots import planned_harness_root, planned_universal_root
 
-# Files whose stock training runs take a minute or more (pytest --durations on 2 cores), longest first.
-# They are handed out first, so that the workers of `-n auto --dist loadfile` end at about the same time
-# instead of one of them starting a long file when the others are done.
-LONG_FILES = ("test_checkpoint_safety.py", "test_end_to_end.py", "test_banet.py", "test_universal.py",
-              "test_cotr_trainer.py", "test_uniseg_trainer.py", "test_two_stream_loader.py", "test_demo.py")
+from nnunet_ext.testing.harness import NnUNetRoot
 
 
-def pytest_collection_modifyitems(config, items) -> None:
-    rank = {name: position for position, name in enumerate(LONG_FILES)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: other files keep their order
+def pytest_configure(config) -> None:
+    """Under pytest-xdist, the workers share the cores: each worker and the commands it starts get
+    cores / workers threads (unless OMP_NUM_THREADS is set), instead of every process using every core."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # read by torch at import, here and in subprocesses
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
 def nnunet_root(tmp_path_factory) -> NnUNetRoot:
     """Raw dataset written, planned and preprocessed (3d_fullres) once; tests train into it."""
-    root = make_nnunet_root(tmp_path_factory.mktemp("nnunet_root"))
-    plan_and_preprocess(root)
-    return root
+    return planned_harness_root(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def universal_root(tmp_path_factory) -> NnUNetRoot:
     """Three partially labelled datasets (1, 2, 4 channels) merged, planned and preprocessed (stock CLI)."""
-    root = make_universal_root(tmp_path_factory.mktemp("universal_root"))
-    plan_and_preprocess(root)
-    return root
+    return planned_universal_root(tmp_path_factory)

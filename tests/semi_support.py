@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from planned_roots import shared_root
 
 from nnunet_ext import compat
 from nnunet_ext.datasets.synthetic import SyntheticSpec
@@ -40,20 +41,25 @@ _ROOTS: dict[str, NnUNetRoot] = {}
 
 def semi_root(tmp_path_factory) -> NnUNetRoot:
     """Harness dataset + 3 generated unlabelled images + a copy of synth_000; planned and preprocessed with
-    the stock CLI, unlabelled images preprocessed in-process (the CLI itself is tested separately)."""
+    the stock CLI, unlabelled images preprocessed in-process (the CLI itself is tested separately).
+    One root per worker (the files above share it), copied from the one built for the whole run."""
     key = str(tmp_path_factory.getbasetemp())
     if key not in _ROOTS:
-        root = make_nnunet_root(tmp_path_factory.mktemp("semi_root"), SEMI_DATASET_ID, SEMI_DATASET_NAME)
-        images = write_unlabeled_images(root.raw, SEMI_DATASET_ID, SEMI_DATASET_NAME, HARNESS_SPEC,
-                                        NUM_GENERATED_UNLABELED)
-        for channel in range(HARNESS_SPEC.num_channels):
-            shutil.copyfile(root.dataset_raw / "imagesTr" / f"{COPIED_CASE}_{channel:04d}.nii.gz",
-                            images / f"{COPY_NAME}_{channel:04d}.nii.gz")
-        plan_and_preprocess(root)
-        with nnunet_environment(root):
-            preprocess_unlabeled(SEMI_DATASET_ID, ["3d_fullres"], num_processes=1)
-        _ROOTS[key] = root
+        _ROOTS[key] = shared_root(tmp_path_factory, "semi_root", _build_semi_root)
     return _ROOTS[key]
+
+
+def _build_semi_root(folder: Path) -> NnUNetRoot:
+    root = make_nnunet_root(folder, SEMI_DATASET_ID, SEMI_DATASET_NAME)
+    images = write_unlabeled_images(root.raw, SEMI_DATASET_ID, SEMI_DATASET_NAME, HARNESS_SPEC,
+                                    NUM_GENERATED_UNLABELED)
+    for channel in range(HARNESS_SPEC.num_channels):
+        shutil.copyfile(root.dataset_raw / "imagesTr" / f"{COPIED_CASE}_{channel:04d}.nii.gz",
+                        images / f"{COPY_NAME}_{channel:04d}.nii.gz")
+    plan_and_preprocess(root)
+    with nnunet_environment(root):
+        preprocess_unlabeled(SEMI_DATASET_ID, ["3d_fullres"], num_processes=1)
+    return root
 
 
 TINY_DATASET_ID = 982
@@ -62,10 +68,14 @@ TINY_SPEC = SyntheticSpec(num_training=2, num_test=0, shape=(16, 16, 16), spacin
 TINY_UNLABELED = ("synth_u000", "synth_u001")
 
 
-def tiny_semi_root(base: Path) -> NnUNetRoot:
+def tiny_semi_root(tmp_path_factory) -> NnUNetRoot:
     """Two labelled 16^3 two-channel cases + two unlabelled ones, planned and preprocessed (3d_fullres)
-    in this process; imagesUnlabeled is left unpreprocessed."""
-    root = make_nnunet_root(base, TINY_DATASET_ID, TINY_DATASET_NAME, TINY_SPEC)
+    in-process; imagesUnlabeled is left unpreprocessed. A private copy of the run's one build."""
+    return shared_root(tmp_path_factory, "tiny_semi_root", _build_tiny_semi_root)
+
+
+def _build_tiny_semi_root(folder: Path) -> NnUNetRoot:
+    root = make_nnunet_root(folder, TINY_DATASET_ID, TINY_DATASET_NAME, TINY_SPEC)
     write_unlabeled_images(root.raw, TINY_DATASET_ID, TINY_DATASET_NAME, TINY_SPEC, len(TINY_UNLABELED))
     with nnunet_environment(root):
         compat.extract_fingerprint(TINY_DATASET_ID, 1, check_integrity=False)

@@ -292,7 +292,7 @@ def test_trainer_refuses_training_without_deep_supervision(nnunet_root, tmp_path
 
 @pytest.fixture(scope="module")
 def banet_pipeline(nnunet_root):
-    return run_stock_pipeline(nnunet_root, "BANetTrainer")
+    return run_stock_pipeline(nnunet_root, "BANetTrainer", evaluate=False)  # evaluated: test_end_to_end
 
 
 def test_stock_pipeline_plain_labels(nnunet_root, banet_pipeline):

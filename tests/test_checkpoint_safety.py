@@ -9,7 +9,8 @@
   the new complete one, the temporary file is removed at the next start, and a resumed trainer gets
   the method state of that file. Kinds: a semi-supervised trainer (MC-Net+, ``training_iteration``)
   and a universal one (the task map). One real ``nnUNetv2_train --c`` per kind resumes after a crash
-  and finishes; every write of the save and in-process full resumes run under ``-m slow``.
+  and finishes. The default run covers the semi-supervised kind; the universal kind, every write of
+  the save and in-process full resumes run under ``-m slow``.
 * Hostile trainer entry points: empty, truncated, garbage, non-checkpoint and bad-checksum files fall
   back with a warning; all unreadable -> one-line error; no method state -> loud warning; stale
   temporaries removed (a live process's kept); file modes follow the umask or the replaced file.
@@ -493,6 +494,9 @@ def resume_in_process(kind: Kind, chosen: Path, expected: dict) -> None:
             assert final[METHOD_STATE_KEY] == expected[METHOD_STATE_KEY]
 
 
+# the universal kind (a trained universal model, ~45 s) is slow: its save path is the semi-supervised one's,
+# only the method state differs (task map; its save and load: test_universal.py, test_uniseg_trainer.py)
+@pytest.mark.parametrize("kind", ["semi", pytest.param("universal", marks=pytest.mark.slow)], indirect=True)
 @pytest.mark.parametrize("name", [FINAL, LATEST], ids=["replacing_final", "first_latest"])
 def test_a_crash_anywhere_in_a_save_leaves_the_previous_or_the_new_checkpoint(kind, tmp_path, name):
     counts = crash_sweep(kind, name, tmp_path, every_write=False)

@@ -17,7 +17,7 @@ import shutil
 import pytest
 import torch
 
-from nnunet_ext.testing.networks import distinct_conventions, small_network
+from small_networks import distinct_conventions, small_network
 
 
 @pytest.fixture(autouse=True)

@@ -18,7 +18,7 @@ from nnunet_ext.architectures.banet import BANet
 from nnunet_ext.architectures.blocks.deformable_attention import DeformableEncoder, MultiScaleDeformableAttention3D
 from nnunet_ext.architectures.uniseg import UniSeg
 from nnunet_ext.registry import CONVENTIONS, paper_networks
-from nnunet_ext.testing.networks import small_network
+from small_networks import small_network
 
 FIXTURES = Path(__file__).parent / "fixtures" / "official_keys"
 OFFICIAL_FORMAT = {"UniSeg": "uniseg", "BANet": "banet"}  # network -> fixture of the official names

@@ -1,7 +1,7 @@
 """Tests of CoTr's planner (plans/cotr.py) and trainer (trainers/cotr.py).
 
 * pure planner rules (strides, patch size, memory policy, too-small errors): no dataset;
-* CoTrPlanner on the harness dataset (a fresh root for this module, planned in-process);
+* CoTrPlanner on the harness dataset (a private copy of the planned harness root; CoTr plans in-process);
 * trainer: deep-supervision scales and loss weights against the network, schedule, networks
   built from CoTr plans and from nnU-Net's default plans;
 * end to end through the stock CLI: CoTr plans (narrow widths, for the CPU) and ``-tr
@@ -20,12 +20,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from planned_roots import planned_harness_root
 
 from nnunet_ext import compat
 from nnunet_ext.architectures.cotr import CoTr, deep_supervision_scales_for_strides
 from nnunet_ext.plans.cotr import (COTR_CLASS_NAME, COTR_PLANS, CoTrPlanner, CoTrPlanningError, cotr_patch_size,
                                    cotr_strides, minimum_shape, total_stride)
-from nnunet_ext.testing.harness import (NnUNetRoot, check_pipeline_outputs, make_nnunet_root, run_stock,
+from nnunet_ext.testing.harness import (NnUNetRoot, check_pipeline_outputs, run_stock,
                                         run_stock_pipeline)
 from nnunet_ext.trainers.base import NNUNET_GRAD_CLIP, nnUNetExtTrainer
 from nnunet_ext.trainers.cotr import (CoTrTrainer, deep_supervision_weights,
@@ -122,16 +123,13 @@ def test_memory_target_too_small_for_any_patch_errors():
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def cotr_root(tmp_path_factory) -> NnUNetRoot:
-    """Fresh root: fingerprint, nnU-Net's plans, CoTr plans (paper and CPU widths); CPU plans preprocessed."""
-    root = make_nnunet_root(tmp_path_factory.mktemp("cotr_root"))
-    run_stock(["nnUNetv2_extract_fingerprint", "-d", root.dataset_id, "-np", 1, "--verify_dataset_integrity"],
-              root.env())
+    """A private copy of the planned harness root (fingerprint, nnU-Net's plans) + CoTr plans (paper and
+    CPU widths); CPU plans preprocessed."""
+    root = planned_harness_root(tmp_path_factory)
     with nnunet_folders(root):
-        compat.plan_dataset(root.dataset_id, compat.nnunet_planner_class("ExperimentPlanner"))
         assert compat.plan_dataset(root.dataset_id, CoTrPlanner) == COTR_PLANS
         assert compat.plan_dataset(root.dataset_id, CPUCoTrPlanner, plans_name=CPU_PLANS) == CPU_PLANS
-    run_stock(["nnUNetv2_preprocess", "-d", root.dataset_id, "-plans_name", CPU_PLANS, "-c", "3d_fullres",
-               "-np", 1], root.env())
+        compat.preprocess(root.dataset_id, CPU_PLANS, ["3d_fullres"], 1)
     return root
 
 
@@ -296,7 +294,8 @@ def cpu_env(trainer_folder: str) -> dict:
 @pytest.fixture(scope="module")
 def cotr_pipeline(cotr_root, trainer_folder):
     """Train (1 epoch), predict and evaluate a narrow CoTr with the stock CLI, once for this module."""
-    return run_stock_pipeline(cotr_root, "CoTrTrainer", plans=CPU_PLANS, extra_env=cpu_env(trainer_folder))
+    return run_stock_pipeline(cotr_root, "CoTrTrainer", plans=CPU_PLANS, extra_env=cpu_env(trainer_folder),
+                              evaluate=False)  # nnU-Net's evaluator on plain labels: test_end_to_end
 
 
 def test_stock_pipeline_with_cotr_plans(cotr_root, cotr_pipeline):
@@ -309,7 +308,7 @@ def test_stock_pipeline_with_cotr_plans(cotr_root, cotr_pipeline):
     assert "num_epochs = 1 (was 1000)" in result.train_output
 
 
-@pytest.mark.slow  # ~1 min; find_best/export/install of our trainers: test_end_to_end's default test
+@pytest.mark.slow  # ~1 min; find_best/export of our base trainer: test_end_to_end (slow too)
 def test_find_best_configuration_and_export_on_a_cotr_model(cotr_root, cotr_pipeline, trainer_folder, tmp_path):
     """nnU-Net's model-selection and zip export/install work on a CoTr model folder, and the
     installed copy predicts like the original."""
@@ -334,7 +333,8 @@ def test_find_best_configuration_and_export_on_a_cotr_model(cotr_root, cotr_pipe
     predictions = tmp_path / "installed_predictions"
     run_stock(["nnUNetv2_predict", "-i", cotr_root.dataset_raw / "imagesTs", "-o", predictions,
                "-d", cotr_root.dataset_id, "-c", "3d_fullres", "-f", 0, "-tr", "CoTrTrainer", "-p", CPU_PLANS,
-               "-device", "cpu", "-npp", 1, "-nps", 1, "--disable_progress_bar"], installed_env)
+               "-device", "cpu", "-npp", 0, "-nps", 0, "--disable_tta", "--disable_progress_bar"],
+              installed_env)  # as run_stock_pipeline predicts
     import SimpleITK as sitk
 
     for original in sorted(result.predictions.glob("*.nii.gz")):

@@ -1,4 +1,4 @@
-"""The stock nnU-Net commands, run as a user would, with nnU-Net's trainer (control) and ours."""
+"""The stock nnU-Net commands, run as a user would, with our base trainer (and nnU-Net's own as control)."""
 from __future__ import annotations
 
 import zipfile
@@ -6,46 +6,65 @@ from pathlib import Path
 
 import pytest
 
-from nnunet_ext.testing.harness import check_pipeline_outputs, run_stock, run_stock_pipeline
+from nnunet_ext import compat
+from nnunet_ext.testing.harness import check_pipeline_outputs, load_trainer, run_stock, run_stock_pipeline
+from nnunet_ext.trainers.base import nnUNetExtTrainer
 
+TRAINER = "nnUNetExtTrainer"
 CONTROL = "HarnessControlTrainer"  # plain nnU-Net trainer, short schedule: if it fails, the harness is broken
-TRAINERS = [CONTROL, "nnUNetExtTrainer"]
 CONTROL_FOLDER = str(Path(__file__).parent / "control_trainers")
 
 
 @pytest.fixture(scope="module")
-def pipelines(nnunet_root):
-    return {trainer: run_stock_pipeline(nnunet_root, trainer, extra_env={"nnUNet_extTrainer": CONTROL_FOLDER})
-            for trainer in TRAINERS}
+def pipeline(nnunet_root):
+    """Our base trainer through the stock commands, with nnU-Net's default inference (worker processes,
+    mirroring), next to a user's own trainer folder in nnUNet_extTrainer."""
+    return run_stock_pipeline(nnunet_root, TRAINER, extra_env={"nnUNet_extTrainer": CONTROL_FOLDER},
+                              default_inference=True)
 
 
-@pytest.mark.parametrize("trainer", TRAINERS)
-def test_plan_train_predict_evaluate(nnunet_root, pipelines, trainer):
-    check_pipeline_outputs(nnunet_root, pipelines[trainer])
+def test_plan_train_predict_evaluate(nnunet_root, pipeline):
+    check_pipeline_outputs(nnunet_root, pipeline)
+    assert "num_epochs = 1 (was 1000)" in pipeline.train_output
 
 
-def test_short_run_variables_set_the_schedule_of_our_trainer_only(pipelines):
-    assert "num_epochs = 1 (was 1000)" in pipelines["nnUNetExtTrainer"].train_output
-    assert "set by the environment" not in pipelines[CONTROL].train_output
+@pytest.mark.slow  # ~45 s; what it would catch (a broken harness) breaks every stock pipeline of the default run
+def test_control_trainer_passes_the_harness(nnunet_root):
+    result = run_stock_pipeline(nnunet_root, CONTROL, extra_env={"nnUNet_extTrainer": CONTROL_FOLDER})
+    check_pipeline_outputs(nnunet_root, result)
+    assert "set by the environment" not in result.train_output
 
 
-def test_find_best_configuration_export_and_predict_from_model_folder(nnunet_root, pipelines, tmp_path):
-    trainer = "nnUNetExtTrainer"
+def test_short_run_variables_leave_nnunets_own_trainers_alone(nnunet_root, tmp_path, monkeypatch):
+    for variable, value in {"NNUNET_EXT_NUM_EPOCHS": "1", "NNUNET_EXT_ITERS_PER_EPOCH": "2",
+                            "NNUNET_EXT_VAL_ITERS": "1"}.items():
+        monkeypatch.setenv(variable, value)
+    schedules = {}
+    for trainer_class in (compat.base_trainer_class(), nnUNetExtTrainer):
+        trainer = load_trainer(nnunet_root, trainer_class, monkeypatch, tmp_path)
+        trainer.initialize()  # where our trainers apply the variables
+        schedules[trainer_class] = (trainer.num_epochs, trainer.num_iterations_per_epoch,
+                                    trainer.num_val_iterations_per_epoch)
+    assert schedules == {compat.base_trainer_class(): (1000, 250, 50), nnUNetExtTrainer: (1, 2, 1)}
+
+
+@pytest.mark.slow  # ~50 s: three more stock commands that read the model folder the pipeline checks
+def test_find_best_configuration_export_and_predict_from_model_folder(nnunet_root, pipeline, tmp_path):
     env = nnunet_root.env()
-    run_stock(["nnUNetv2_find_best_configuration", nnunet_root.dataset_id, "-c", "3d_fullres", "-tr", trainer,
+    run_stock(["nnUNetv2_find_best_configuration", nnunet_root.dataset_id, "-c", "3d_fullres", "-tr", TRAINER,
                "-f", 0, "-np", 1], env)
     inference_info = nnunet_root.results / nnunet_root.dataset_name / "inference_instructions.txt"
-    assert trainer in inference_info.read_text()
+    assert TRAINER in inference_info.read_text()
 
     archive = tmp_path / "model.zip"
     run_stock(["nnUNetv2_export_model_to_zip", "-d", nnunet_root.dataset_id, "-o", archive, "-c", "3d_fullres",
-               "-tr", trainer, "-f", 0], env)
+               "-tr", TRAINER, "-f", 0], env)
     with zipfile.ZipFile(archive) as opened:
         names = opened.namelist()
-    assert any(name.endswith(f"{trainer}__nnUNetPlans__3d_fullres/fold_0/checkpoint_final.pth") for name in names)
+    assert any(name.endswith(f"{TRAINER}__nnUNetPlans__3d_fullres/fold_0/checkpoint_final.pth") for name in names)
 
     output = tmp_path / "from_model_folder"
     run_stock(["nnUNetv2_predict_from_modelfolder", "-i", nnunet_root.dataset_raw / "imagesTs", "-o", output,
-               "-m", pipelines[trainer].model_folder, "-f", 0, "-device", "cpu", "-npp", 1, "-nps", 1], env)
+               "-m", pipeline.model_folder, "-f", 0, "-device", "cpu", "-npp", 1, "-nps", 1, "--disable_tta"], env)
     assert sorted(p.name for p in output.glob("*.nii.gz")) == \
         sorted(p.name for p in (nnunet_root.dataset_raw / "labelsTs").glob("*.nii.gz"))

@@ -44,7 +44,7 @@ COMMAND = ["preprocess-unlabeled", "-d", str(TINY_DATASET_ID), "-c", CONFIG, "-n
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_root(tmp_path_factory) -> NnUNetRoot:
-    return tiny_semi_root(tmp_path_factory.mktemp("hostile_unlabeled"))
+    return tiny_semi_root(tmp_path_factory)
 
 
 def copy_root(source: NnUNetRoot, destination: Path) -> NnUNetRoot:

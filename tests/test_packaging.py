@@ -36,6 +36,12 @@ def test_wheel_maps_method_folders_into_our_namespace_and_ships_the_hook(wheel):
     top_level = {name.split("/")[0] for name in names}
     assert top_level <= {"nnunet_ext", "nnunet_ext.pth"} | {n for n in top_level if n.endswith(".dist-info")}, \
         top_level
+    # no test code: the tests' trainers, fixtures and small networks stay in tests/; nnunet_ext.testing is
+    # the documented toolkit for users' own tests (harness, hostile-input checks, CPU DDP runs)
+    testing = sorted(name for name in names if name.startswith("nnunet_ext/testing/"))
+    assert testing == ["nnunet_ext/testing/__init__.py", "nnunet_ext/testing/ddp.py",
+                       "nnunet_ext/testing/harness.py", "nnunet_ext/testing/hostile.py"], testing
+    assert not [name for name in names if "/test_" in name or "control_trainer" in name or "small_networks" in name]
 
 
 def test_every_python_package_folder_is_listed_in_pyproject():

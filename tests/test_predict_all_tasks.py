@@ -172,8 +172,8 @@ def model(universal_root, tmp_path_factory, request) -> Path:
     return random_weight_model(universal_root, request.param, tmp_path_factory.mktemp(request.param))
 
 
-@pytest.mark.parametrize("model", [t if t == "nnUNetUniversalTrainer" else pytest.param(t, marks=pytest.mark.slow)
-                                   for t in TRAINERS], indirect=True)
+@pytest.mark.parametrize("model", [t if t in ("nnUNetUniversalTrainer", "UniSegTrainer")
+                                   else pytest.param(t, marks=pytest.mark.slow) for t in TRAINERS], indirect=True)
 def test_stacked_sliding_window_logits_equal_per_task_logits(model: Path) -> None:
     """nnU-Net's predictor: two folds, Gaussian weighting, mirroring (one axis here, every axis in the
     command tests), two overlapping windows."""

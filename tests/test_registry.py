@@ -7,7 +7,7 @@ import torch
 from nnunet_ext.architectures import NETWORKS, paper_network
 from nnunet_ext.registry import (METHODS, class_name, import_object, paper_networks, planner_paths,
                                  trainer_paths, unknown_name_message)
-from nnunet_ext.testing.networks import SMALL_NETWORKS, distinct_conventions, small_network
+from small_networks import SMALL_NETWORKS, distinct_conventions, small_network
 
 
 def test_registered_names_are_unique_and_import():

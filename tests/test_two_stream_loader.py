@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -201,13 +202,21 @@ def recorded_batches(output: str) -> list[dict]:
             if "semi-test batch: " in line]
 
 
-def test_stock_train_and_continue_keep_budget_and_ramp_up_step(root):
-    env = dict(nnUNet_extTrainer=TRAINER_FOLDER, nnUNet_n_proc_DA="0", **{BUDGET_VARIABLE: "2"})
-    # fold 0: the only fold no other test of this root gives a label budget (they share the results folder)
-    command = ["nnUNetv2_train", SEMI_DATASET_ID, "3d_fullres", 0, "-tr", TRAINER, "-device", "cpu"]
+STOCK_ENV = dict(nnUNet_extTrainer=TRAINER_FOLDER, nnUNet_n_proc_DA="0", **{BUDGET_VARIABLE: "2"})
+# fold 0: the only fold no other test of this root gives a label budget (they share the results folder)
+STOCK_COMMAND = ["nnUNetv2_train", SEMI_DATASET_ID, "3d_fullres", 0, "-tr", TRAINER, "-device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def stock_run(root) -> tuple[Path, str]:
+    """One epoch of ``nnUNetv2_train`` with a label budget of 2: the fold folder and the output."""
+    first = run_stock(STOCK_COMMAND, root.env(epochs=1, iterations=2, **STOCK_ENV))
     fold = root.results / root.dataset_name / f"{TRAINER}__nnUNetPlans__3d_fullres" / "fold_0"
-    first = run_stock(command, root.env(epochs=1, iterations=2, **env))
-    output = first.stdout + first.stderr
+    return fold, first.stdout + first.stderr
+
+
+def test_stock_train_keeps_the_budget_and_counts_the_ramp_up_step(stock_run):
+    fold, output = stock_run
     assert "2 labelled + 2 unlabelled patches" in output and "is not used for training" in output
     budget = json.loads((fold / BUDGET_FILE).read_text())
     assert budget["num_labeled"] == 2
@@ -221,7 +230,14 @@ def test_stock_train_and_continue_keep_budget_and_ramp_up_step(root):
     assert checkpoint[METHOD_STATE_KEY]["training_iteration"] == 2
     assert (fold / "validation" / "summary.json").is_file(), "nnU-Net's validation on the labelled cases"
 
-    second = run_stock(command + ["--c"], root.env(epochs=2, iterations=2, **env))
+
+# ~35 s; the stock --c of a semi-supervised trainer and its training_iteration run in the default suite in
+# tests/test_checkpoint_safety.py (after a crash mid-save), the budget read back at a resume in test_label_budget.py
+@pytest.mark.slow
+def test_stock_continue_keeps_budget_and_ramp_up_step(root, stock_run):
+    fold, _ = stock_run
+    budget = json.loads((fold / BUDGET_FILE).read_text())
+    second = run_stock(STOCK_COMMAND + ["--c"], root.env(epochs=2, iterations=2, **STOCK_ENV))
     output = second.stdout + second.stderr
     assert "resumed at training iteration 2" in output and "read back from" in output
     assert [b["iteration"] for b in recorded_batches(output)] == [2, 3], "the ramp-up step must continue"

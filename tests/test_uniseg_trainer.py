@@ -63,21 +63,33 @@ def uniseg_model(universal_root):
     return train_stock(universal_root, TRAINER)
 
 
+@pytest.mark.slow  # ~1 min; like DoDNet's and TransDoDNet's; the prediction route of a UniSeg model runs in the
+# default suite on random weights (tests/test_predict_all_tasks.py), the checkpoint round trip below
 def test_stock_training_and_task_aware_prediction(universal_root, uniseg_model, tmp_path):
     checkpoint = compat.read_checkpoint(uniseg_model / "fold_0" / "checkpoint_final.pth")
     assert "prompt" in checkpoint["network_weights"]
     assert "task_map" in checkpoint["nnunet_ext_state"]
+    assert checkpoint["current_epoch"] == 1
     assert (uniseg_model / "fold_0" / "validation" / "summary_per_task.json").is_file()
     predict_task_and_check(universal_root, TRAINER, 1, tmp_path / "pred")  # 2 channels, liver + spleen + lesion
 
 
-def test_resume_restores_the_prompt_and_task_map(universal_root, uniseg_model, tmp_path, monkeypatch):
-    saved = compat.read_checkpoint(uniseg_model / "fold_0" / "checkpoint_final.pth")
-    trainer = _trainer(universal_root, monkeypatch, universal_root.results)
+def test_resume_restores_the_prompt_and_task_map(universal_root, tmp_path, monkeypatch):
     monkeypatch.setenv("nnUNet_n_proc_DA", "0")
+    trained = _trainer(universal_root, monkeypatch, tmp_path)
+    trained.initialize()
+    with torch.no_grad():
+        trained.network.prompt.add_(1.0)  # a prompt no fresh initialisation gives
+    trained.current_epoch = 3
+    checkpoint = tmp_path / "checkpoint_final.pth"
+    trained.save_checkpoint(str(checkpoint))
+    saved = compat.read_checkpoint(checkpoint)
+
+    trainer = _trainer(universal_root, monkeypatch, tmp_path / "resumed")
     trainer.initialize()
     assert not torch.equal(trainer.network.prompt.detach(), saved["network_weights"]["prompt"])  # fresh init
-    trainer.load_checkpoint(str(uniseg_model / "fold_0" / "checkpoint_final.pth"))
+    trainer.load_checkpoint(str(checkpoint))
     assert torch.equal(trainer.network.prompt.detach(), saved["network_weights"]["prompt"])
-    assert trainer.current_epoch == saved["current_epoch"] == 1
-    assert trainer.task_map == TaskMap.from_dict(saved["nnunet_ext_state"]["task_map"])
+    assert torch.equal(trainer.network.prompt.detach(), trained.network.prompt.detach())
+    assert trainer.current_epoch == saved["current_epoch"] == 4  # nnU-Net saves the next epoch to run
+    assert trainer.task_map == TaskMap.from_dict(saved["nnunet_ext_state"]["task_map"]) == trained.task_map

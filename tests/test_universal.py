@@ -198,7 +198,7 @@ def test_training_saves_the_task_map_and_validates_per_task(universal_root, trai
 def test_stock_predict_without_a_task_points_to_ours(universal_root, trained, tmp_path):
     env = universal_root.env()
     command = ["nnUNetv2_predict", "-i", universal_root.dataset_raw / "imagesTs", "-o", tmp_path / "out",
-               "-d", MERGED_ID, "-c", "3d_fullres", "-f", 0, "-tr", TRAINER, "-device", "cpu", "-npp", 1, "-nps", 1]
+               "-d", MERGED_ID, "-c", "3d_fullres", "-f", 0, "-tr", TRAINER, "-device", "cpu", "-npp", 0, "-nps", 0]
     with pytest.raises(AssertionError, match="nnunet-ext predict --task"):
         run_stock(command, env)
 
@@ -207,7 +207,7 @@ def test_stock_predict_without_a_task_points_to_ours(universal_root, trained, tm
 def test_task_aware_predict_writes_the_tasks_own_labels(universal_root, trained, tmp_path, source_index):
     folder, _ = trained
     output = tmp_path / "pred"
-    source_folder = predict_task_and_check(universal_root, TRAINER, source_index, output)
+    source_folder = predict_task_and_check(universal_root, TRAINER, source_index, output, default_inference=True)
     source_json = json.loads((source_folder / "dataset.json").read_text())
     written = json.loads((output / "dataset.json").read_text())
     assert written["labels"] == source_json["labels"]

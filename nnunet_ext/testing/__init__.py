@@ -1,1 +1,2 @@
-"""Test harness for nnunet-ext and its users: temporary nnU-Net roots and stock-CLI pipeline runs."""
+"""Testing toolkit for nnunet-ext and its users: temporary nnU-Net roots and stock-CLI pipeline runs
+(``harness``), checks that bad input is refused cleanly (``hostile``), CPU DDP runs (``ddp``)."""

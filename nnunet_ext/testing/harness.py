@@ -153,16 +153,19 @@ def train_stock(root: NnUNetRoot, trainer: str, configuration: str = "3d_fullres
 
 
 def predict_task_and_check(root: NnUNetRoot, trainer: str, source_index: int, output: Path,
-                           configuration: str = "3d_fullres", fold: int = 0) -> Path:
+                           configuration: str = "3d_fullres", fold: int = 0, default_inference: bool = False) -> Path:
     """``nnunet-ext predict --task`` on one source dataset of the universal family, then checks that
     every test case got a prediction on its reference's grid holding only the source's own label
-    values. Returns the source dataset's raw folder (for further checks by the caller)."""
+    values. Returns the source dataset's raw folder (for further checks by the caller).
+
+    As in :func:`run_stock_pipeline`, the prediction runs in one process without mirroring unless
+    ``default_inference``."""
     from nnunet_ext.datasets.multi_dataset import DEFAULT_DATASET_IDS, DEFAULT_SOURCES
 
     source_folder = next(root.raw.glob(f"Dataset{DEFAULT_DATASET_IDS[source_index]:03d}_*"))
     run_stock(["nnunet-ext", "predict", "--task", DEFAULT_SOURCES[source_index].name, "-i", source_folder / "imagesTs",
                "-o", output, "-d", root.dataset_id, "-c", configuration, "-f", fold, "-tr", trainer,
-               "-device", "cpu", "-npp", 1, "-nps", 1], root.env())
+               "-device", "cpu", *_inference_options(default_inference)], root.env())
     dataset_json = json.loads((source_folder / "dataset.json").read_text())
     labels = set(dataset_json["labels"].values())
     references = sorted((source_folder / "labelsTs").glob(f"*{dataset_json['file_ending']}"))
@@ -170,6 +173,11 @@ def predict_task_and_check(root: NnUNetRoot, trainer: str, source_index: int, ou
     for reference in references:
         check_prediction(output / reference.name, reference, dataset_json, labels)
     return source_folder
+
+
+def _inference_options(default_inference: bool) -> list[object]:
+    """Prediction options: nnU-Net's defaults but one worker each, or one process without mirroring."""
+    return ["-npp", 1, "-nps", 1] if default_inference else ["-npp", 0, "-nps", 0, "--disable_tta"]
 
 
 def check_prediction(prediction: Path, reference: Path, dataset_json: dict, label_values: set) -> None:
@@ -195,14 +203,24 @@ class PipelineResult:
     model_folder: Path
     fold_folder: Path
     predictions: Path
-    summary: dict
+    summary: dict | None  # nnUNetv2_evaluate_folder's summary.json; None when not evaluated
     train_output: str
 
 
 def run_stock_pipeline(root: NnUNetRoot, trainer: str, configuration: str = "3d_fullres",
                        plans: str = "nnUNetPlans", fold: int = 0, epochs: int = 1, iterations: int = 2,
-                       extra_train_args: Sequence[str] = (), extra_env: dict | None = None) -> PipelineResult:
-    """plan+preprocess (cached), train, predict imagesTs, evaluate against labelsTs: all stock CLI."""
+                       extra_train_args: Sequence[str] = (), extra_env: dict | None = None,
+                       default_inference: bool = False, evaluate: bool = True) -> PipelineResult:
+    """plan+preprocess (cached), train, predict imagesTs, evaluate against labelsTs: all stock CLI.
+
+    ``evaluate=False`` skips ``nnUNetv2_evaluate_folder`` (``summary`` is then None): nnU-Net's
+    evaluator reads only the written label files, which ``check_pipeline_outputs`` checks anyway.
+
+    The prediction runs in one process without mirroring (``-npp 0 -nps 0 --disable_tta``) unless
+    ``default_inference``: nnU-Net's worker processes each import torch and nnU-Net, and mirroring
+    runs the network 8 times per window, together about 10 s of a 2-core CPU per call. Training's
+    final validation still predicts with mirroring and nnU-Net's export worker.
+    """
     plan_and_preprocess(root, configuration, plans)
     env = root.env(epochs=epochs, iterations=iterations, **(extra_env or {}))
     train = run_stock(["nnUNetv2_train", root.dataset_id, configuration, fold, "-tr", trainer, "-p", plans,
@@ -211,10 +229,12 @@ def run_stock_pipeline(root: NnUNetRoot, trainer: str, configuration: str = "3d_
     predictions = root.path / "predictions" / f"{trainer}__{plans}__{configuration}"
     run_stock(["nnUNetv2_predict", "-i", root.dataset_raw / "imagesTs", "-o", predictions, "-d", root.dataset_id,
                "-c", configuration, "-f", fold, "-tr", trainer, "-p", plans, "-device", "cpu",
-               "-npp", 1, "-nps", 1, "--disable_progress_bar"], env)
-    run_stock(["nnUNetv2_evaluate_folder", root.dataset_raw / "labelsTs", predictions,
-               "-djfile", model_folder / "dataset.json", "-pfile", model_folder / "plans.json", "-np", 1], env)
-    summary = json.loads((predictions / "summary.json").read_text())
+               *_inference_options(default_inference), "--disable_progress_bar"], env)
+    summary = None
+    if evaluate:
+        run_stock(["nnUNetv2_evaluate_folder", root.dataset_raw / "labelsTs", predictions,
+                   "-djfile", model_folder / "dataset.json", "-pfile", model_folder / "plans.json", "-np", 1], env)
+        summary = json.loads((predictions / "summary.json").read_text())
     return PipelineResult(trainer, model_folder, model_folder / f"fold_{fold}", predictions, summary,
                           train.stdout + train.stderr)
 
@@ -247,6 +267,8 @@ def check_pipeline_outputs(root: NnUNetRoot, result: PipelineResult, epochs: int
     for reference in references:
         check_prediction(result.predictions / reference.name, reference, dataset_json, label_values)
 
+    if result.summary is None:
+        return
     per_case = result.summary["metric_per_case"]
     assert len(per_case) == len(references)
     if has_regions:
