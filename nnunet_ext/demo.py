@@ -163,7 +163,7 @@ def run_demo(settings: DemoSettings) -> DemoResult:
         semi_supervised = trainer_uses_unlabeled_data(settings.trainer)
         device = pick_device()
         # one worker: the demo's cases take milliseconds each, while every extra worker process spends
-        # seconds importing torch and nnU-Net (on 2 CPU cores, more workers made planning slower)
+        # seconds importing torch and nnU-Net
         processes = 1
 
         from nnunet_ext.demo_universal import run_universal_demo, trainer_is_universal
