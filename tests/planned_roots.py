@@ -12,12 +12,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 from filelock import FileLock
 
+from nnunet_ext import atomic_io
 from nnunet_ext.testing.harness import NnUNetRoot, make_nnunet_root, make_universal_root, plan_and_preprocess
 
 _DESCRIPTION = "root.json"
@@ -39,11 +39,10 @@ def shared_root(tmp_path_factory, name: str, build: Callable[[Path], NnUNetRoot]
     cache.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(f"{cache}.lock"):
         if not (cache / _DESCRIPTION).is_file():
-            staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=cache.parent))
-            root = build(staging / "root")
-            (staging / _DESCRIPTION).write_text(json.dumps({"dataset_id": root.dataset_id,
-                                                            "dataset_name": root.dataset_name}))
-            os.replace(staging, cache)
+            with atomic_io.staged_folder(cache) as staging:  # a failed build leaves nothing behind
+                root = build(staging / "root")
+                (staging / _DESCRIPTION).write_text(json.dumps({"dataset_id": root.dataset_id,
+                                                                "dataset_name": root.dataset_name}))
     description = json.loads((cache / _DESCRIPTION).read_text())
     copy = tmp_path_factory.mktemp(name)
     shutil.copytree(cache / "root", copy, dirs_exist_ok=True, symlinks=True)
