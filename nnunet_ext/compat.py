@@ -278,12 +278,89 @@ def trained_model_folder(dataset: int | str, trainer: str, plans: str, configura
 
 # --- planning and preprocessing -------------------------------------------------------------------
 
+class _Finished:
+    """What ``Pool.starmap_async`` returns, for a call that has already run."""
+
+    def __init__(self, value: object) -> None:
+        self.value = value
+
+    def ready(self) -> bool:
+        return True
+
+    def get(self, timeout: float | None = None) -> object:
+        return self.value
+
+
+class _SerialPool:
+    """Stands in for a ``multiprocessing.Pool``: the same calls, run here one after another."""
+
+    _pool: list = []  # nnU-Net checks that its pool's workers are alive: there are none
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def __enter__(self) -> _SerialPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def starmap(self, function, iterable) -> list:
+        return [function(*arguments) for arguments in iterable]
+
+    def starmap_async(self, function, iterable) -> _Finished:
+        return _Finished(self.starmap(function, iterable))
+
+
+class _SerialContext:
+    """``multiprocessing`` as nnU-Net's planning modules use it (``get_context(...).Pool``), serial."""
+
+    Pool = _SerialPool
+
+    def get_context(self, method: str | None = None) -> _SerialContext:
+        return self
+
+
+@contextlib.contextmanager
+def pools_in_this_process():
+    """nnU-Net's integrity check, fingerprint extraction, preprocessing and evaluation always start a
+    spawn pool, even of one worker, and each worker imports torch and nnU-Net again (7-10 s of CPU on 2 cores). For
+    a few small images that is most of the time; inside this block those modules run the same functions
+    in this process instead. Module attributes are swapped for the block: not for use from two threads."""
+    import importlib
+
+    swaps = [("nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor", "multiprocessing"),
+             ("nnunetv2.experiment_planning.verify_dataset_integrity", "multiprocessing"),
+             ("nnunetv2.preprocessing.preprocessors.default_preprocessor", "multiprocessing"),
+             ("nnunetv2.evaluation.evaluate_predictions", "multiprocessing"),
+             ("nnunetv2.utilities.utils", "Pool")]  # lists a dataset's files with a pool of 12
+    saved = []
+    try:
+        for module_name, attribute in swaps:
+            module = importlib.import_module(module_name)
+            saved.append((module, attribute, getattr(module, attribute)))
+            setattr(module, attribute, _SerialContext() if attribute == "multiprocessing" else _SerialPool)
+        yield
+    finally:
+        for module, attribute, value in saved:
+            setattr(module, attribute, value)
+
+
+def _worker_pools(num_processes: int):
+    """nnU-Net's own pools for 1 or more processes; 0 runs their work in this process."""
+    if num_processes < 0:
+        raise ValueError(f"num_processes must be 0 (this process) or more, not {num_processes}")
+    return pools_in_this_process() if num_processes == 0 else contextlib.nullcontext()
+
+
 def extract_fingerprint(dataset_id: int, num_processes: int, check_integrity: bool = True,
                         overwrite: bool = False) -> dict:
+    """nnU-Net's fingerprint extraction (and integrity check); ``num_processes`` 0: in this process."""
     from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset
 
-    return extract_fingerprint_dataset(dataset_id, num_processes=num_processes,
-                                       check_dataset_integrity=check_integrity, clean=overwrite)
+    with _worker_pools(num_processes):
+        return extract_fingerprint_dataset(dataset_id, num_processes=max(1, num_processes),
+                                           check_dataset_integrity=check_integrity, clean=overwrite)
 
 
 def nnunet_planner_class(name: str):
@@ -307,9 +384,12 @@ def plan_dataset(dataset_id: int, planner_class, gpu_memory_target_in_gb: float 
 
 
 def preprocess(dataset_id: int, plans_identifier: str, configurations: Sequence[str], num_processes: int) -> None:
+    """nnU-Net's preprocessing of the training cases; ``num_processes`` 0: in this process."""
     from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess_dataset
 
-    preprocess_dataset(dataset_id, plans_identifier, list(configurations), [num_processes] * len(configurations))
+    with _worker_pools(num_processes):
+        preprocess_dataset(dataset_id, plans_identifier, list(configurations),
+                           [max(1, num_processes)] * len(configurations))
 
 
 # --- training, inference, evaluation -----------------------------------------------------------------
@@ -345,13 +425,16 @@ def predict_folder(model_folder: str | os.PathLike, input_folder: str | os.PathL
 def evaluate_folder(reference_folder: str | os.PathLike, prediction_folder: str | os.PathLike,
                     dataset_json: str | os.PathLike, plans_json: str | os.PathLike,
                     output_file: str | os.PathLike, num_processes: int = 1) -> dict:
-    """nnU-Net's evaluator (``nnUNetv2_evaluate_folder``); returns the summary.json it wrote."""
+    """nnU-Net's evaluator (``nnUNetv2_evaluate_folder``); returns the summary.json it wrote.
+    ``num_processes`` 0: in this process."""
     import json
 
     from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder2
 
-    compute_metrics_on_folder2(os.fspath(reference_folder), os.fspath(prediction_folder), os.fspath(dataset_json),
-                               os.fspath(plans_json), output_file=os.fspath(output_file), num_processes=num_processes)
+    with _worker_pools(num_processes):
+        compute_metrics_on_folder2(os.fspath(reference_folder), os.fspath(prediction_folder), os.fspath(dataset_json),
+                                   os.fspath(plans_json), output_file=os.fspath(output_file),
+                                   num_processes=max(1, num_processes))
     with open(output_file) as file:
         return json.load(file)
 

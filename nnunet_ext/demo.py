@@ -162,9 +162,9 @@ def run_demo(settings: DemoSettings) -> DemoResult:
         check_trainer_name(settings.trainer)
         semi_supervised = trainer_uses_unlabeled_data(settings.trainer)
         device = pick_device()
-        # one worker: the demo's cases take milliseconds each, while every extra worker process spends
-        # seconds importing torch and nnU-Net
-        processes = 1
+        # no worker processes for nnU-Net's planning, preprocessing and evaluation: the demo's cases take
+        # milliseconds each, while every worker process spends seconds importing torch and nnU-Net
+        processes = 0
 
         from nnunet_ext.demo_universal import run_universal_demo, trainer_is_universal
 
@@ -209,7 +209,7 @@ def run_demo(settings: DemoSettings) -> DemoResult:
         step("Evaluating with nnU-Net's evaluator")
         summary_json = predictions / "summary.json"
         summary = compat.evaluate_folder(raw / "labelsTs", predictions, raw / "dataset.json",
-                                         model / "plans.json", summary_json, num_processes=1)
+                                         model / "plans.json", summary_json, num_processes=processes)
         dataset_json = json.loads((raw / "dataset.json").read_text())
         dice = dice_per_class(summary, dataset_json["labels"])
 

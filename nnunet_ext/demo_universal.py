@@ -55,7 +55,7 @@ def run_universal_demo(settings, workdir, env, step, device, planner, processes:
                      num_processes_preprocessing=0, num_processes_export=0)  # in this process
         summary_json = predictions / "summary.json"
         summary = compat.evaluate_folder(source / "labelsTs", predictions, predictions / "dataset.json",
-                                         model / "plans.json", summary_json, num_processes=1)
+                                         model / "plans.json", summary_json, num_processes=processes)
         names = {str(v): n for n, v in task.source_labels.items()}
         for key, metrics in summary["mean"].items():
             if key in names and names[key] != "background":

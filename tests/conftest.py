@@ -12,6 +12,16 @@ from planned_roots import planned_harness_root, planned_universal_root
 from nnunet_ext.testing.harness import NnUNetRoot
 
 
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: unknown when it is not installed
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadfile`` (the default here) with heavy files first on all workers but one (xdist_schedule.py)."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist_schedule import HeavyFilesFirst
+
+    return HeavyFilesFirst(config, log)
+
+
 def pytest_configure(config) -> None:
     """Under pytest-xdist, the workers share the cores: each worker and the commands it starts get
     cores / workers threads (unless OMP_NUM_THREADS is set), instead of every process using every core."""

@@ -1,8 +1,8 @@
 """Shared set-up of the unlabelled-data tests: one nnU-Net root with imagesUnlabeled, made once per session.
 
 Used by test_unlabeled_preprocess.py, test_label_budget.py and test_two_stream_loader.py (imported
-as a plain module; a cache makes the three files share one root, so the stock planning and
-preprocessing run once).
+as a plain module; a cache makes the three files share one root, so planning and preprocessing
+run once).
 
 The results folder is shared too, and a fold trained with a label budget refuses another budget
 (by design), so the folds are split between the files: test_label_budget uses folds 1-3,
@@ -14,19 +14,17 @@ preprocessed, so each test decides what to do with it.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 from pathlib import Path
 
-import pytest
 import torch
-from planned_roots import shared_root
+from planned_roots import nnunet_environment, plan_in_process, shared_root
 
 from nnunet_ext import compat
 from nnunet_ext.datasets.synthetic import SyntheticSpec
 from nnunet_ext.datasets.unlabeled import write_unlabeled_images
-from nnunet_ext.testing.harness import HARNESS_SPEC, NnUNetRoot, make_nnunet_root, plan_and_preprocess
+from nnunet_ext.testing.harness import HARNESS_SPEC, NnUNetRoot, make_nnunet_root
 from nnunet_ext.unlabeled.preprocess import preprocess_unlabeled
 
 SEMI_DATASET_ID = 993
@@ -40,8 +38,8 @@ _ROOTS: dict[str, NnUNetRoot] = {}
 
 
 def semi_root(tmp_path_factory) -> NnUNetRoot:
-    """Harness dataset + 3 generated unlabelled images + a copy of synth_000; planned and preprocessed with
-    the stock CLI, unlabelled images preprocessed in-process (the CLI itself is tested separately).
+    """Harness dataset + 3 generated unlabelled images + a copy of synth_000; planned and preprocessed by
+    nnU-Net's functions in-process, unlabelled images too (the CLI itself is tested separately).
     One root per worker (the files above share it), copied from the one built for the whole run."""
     key = str(tmp_path_factory.getbasetemp())
     if key not in _ROOTS:
@@ -56,7 +54,7 @@ def _build_semi_root(folder: Path) -> NnUNetRoot:
     for channel in range(HARNESS_SPEC.num_channels):
         shutil.copyfile(root.dataset_raw / "imagesTr" / f"{COPIED_CASE}_{channel:04d}.nii.gz",
                         images / f"{COPY_NAME}_{channel:04d}.nii.gz")
-    plan_and_preprocess(root)
+    plan_in_process(root)
     with nnunet_environment(root):
         preprocess_unlabeled(SEMI_DATASET_ID, ["3d_fullres"], num_processes=1)
     return root
@@ -77,28 +75,12 @@ def tiny_semi_root(tmp_path_factory) -> NnUNetRoot:
 def _build_tiny_semi_root(folder: Path) -> NnUNetRoot:
     root = make_nnunet_root(folder, TINY_DATASET_ID, TINY_DATASET_NAME, TINY_SPEC)
     write_unlabeled_images(root.raw, TINY_DATASET_ID, TINY_DATASET_NAME, TINY_SPEC, len(TINY_UNLABELED))
-    with nnunet_environment(root):
-        compat.extract_fingerprint(TINY_DATASET_ID, 1, check_integrity=False)
-        compat.plan_dataset(TINY_DATASET_ID, compat.nnunet_planner_class("ExperimentPlanner"))
-        compat.preprocess(TINY_DATASET_ID, "nnUNetPlans", ["3d_fullres"], 1)
+    plan_in_process(root, check_integrity=False)
     return root
 
 
 def unlabeled_cases() -> set[str]:
     return {f"synth_u{i:03d}" for i in range(NUM_GENERATED_UNLABELED)} | {COPY_NAME}
-
-
-@contextlib.contextmanager
-def nnunet_environment(root: NnUNetRoot, **extra: str):
-    """The root's nnU-Net variables for in-process calls (nnU-Net 2.8 reads them when used)."""
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in root.env(**extra).items():
-            if name.startswith(("nnUNet", "NNUNET_EXT")):
-                patch.setenv(name, value)
-        for name in ("NNUNET_EXT_LABEL_BUDGET", "NNUNET_EXT_LABEL_BUDGET_SEED"):
-            if name not in extra:
-                patch.delenv(name, raising=False)
-        yield patch
 
 
 def make_trainer(root: NnUNetRoot, cls, fold: int = 0, continue_training: bool = False):

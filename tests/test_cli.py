@@ -42,26 +42,32 @@ def _env_without_nnunet_paths() -> dict:
     return {k: v for k, v in os.environ.items() if k not in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
 
 
-def test_doctor_fails_and_names_each_missing_folder_variable(tmp_path):
-    env = _env_without_nnunet_paths()
-    env["nnUNet_raw"] = str(tmp_path / "does_not_exist")
-    result = run_cli("doctor", env=env)
-    assert result.returncode == 1
-    assert "nnUNet_raw: " + str(tmp_path / "does_not_exist") + " does not exist" in result.stdout
-    assert "mkdir -p" in result.stdout
-    assert "nnUNet_preprocessed: not set" in result.stdout and "export nnUNet_preprocessed=" in result.stdout
-    assert "nnUNet_results: not set" in result.stdout
+def _without_nnunet_paths(monkeypatch) -> None:
+    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.delenv(name, raising=False)
 
 
-def test_doctor_passes_with_folders_set_and_reports_discovery_and_device(tmp_path):
-    env = _env_without_nnunet_paths()
+# in-process: the `nnunet-ext` command is this main() (the plan test below runs it as a command), and
+# test_discovery checks nnU-Net's lookup of every trainer from a plain shell
+def test_doctor_fails_and_names_each_missing_folder_variable(tmp_path, monkeypatch, capsys):
+    _without_nnunet_paths(monkeypatch)
+    monkeypatch.setenv("nnUNet_raw", str(tmp_path / "does_not_exist"))
+    assert main(["doctor"]) == 1
+    output = capsys.readouterr().out
+    assert "nnUNet_raw: " + str(tmp_path / "does_not_exist") + " does not exist" in output
+    assert "mkdir -p" in output
+    assert "nnUNet_preprocessed: not set" in output and "export nnUNet_preprocessed=" in output
+    assert "nnUNet_results: not set" in output
+
+
+def test_doctor_passes_with_folders_set_and_reports_discovery_and_device(tmp_path, monkeypatch, capsys):
     for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         (tmp_path / name).mkdir()
-        env[name] = str(tmp_path / name)
-    result = run_cli("doctor", env=env)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert f"nnU-Net finds all {len(trainer_paths())} trainers" in result.stdout
-    assert "device:" in result.stdout and "Ready to train." in result.stdout
+        monkeypatch.setenv(name, str(tmp_path / name))
+    assert main(["doctor"]) == 0, capsys.readouterr()
+    output = capsys.readouterr().out
+    assert f"nnU-Net finds all {len(trainer_paths())} trainers" in output
+    assert "device:" in output and "Ready to train." in output
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
@@ -95,6 +101,13 @@ def test_plan_unknown_planner_lists_close_matches(empty_nnunet_folders, capsys):
     assert "Unknown planner 'nnUNetPlannerResEncMM'" in error and "nnUNetPlannerResEncM" in error
 
 
+def test_plan_refuses_a_negative_process_count(empty_nnunet_folders, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["plan", "-d", "5", "-pl", "ExperimentPlanner", "-np", "-1"])
+    assert exited.value.code == 2
+    assert "argument -np: must be 0 (no worker processes) or more, got -1" in capsys.readouterr().err
+
+
 def test_plan_unknown_dataset_says_where_it_looked(empty_nnunet_folders, capsys):
     assert main(["plan", "-d", "123", "-pl", "ExperimentPlanner"]) == 2
     error = capsys.readouterr().err
@@ -120,7 +133,7 @@ def test_plan_runs_our_planner_and_the_plans_work_with_stock_preprocess(tmp_path
     root = make_nnunet_root(tmp_path)
     env = root.env()
     result = run_cli("plan", "-d", root.dataset_id, "-pl", "CPUDemoPlanner", "-overwrite_plans_name", "MyPlans",
-                     "-np", 1, env=env)
+                     "-np", 0, env=env)  # fingerprint in the command's process
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     plans_file = root.preprocessed / root.dataset_name / "MyPlans.json"
     plans = json.loads(plans_file.read_text())

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import types
 from pathlib import Path
 
 import numpy as np
@@ -89,46 +88,6 @@ def _checksums(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-class _Done:
-    def __init__(self, value: object) -> None:
-        self.value = value
-
-    def ready(self) -> bool:
-        return True
-
-    def get(self) -> object:
-        return self.value
-
-
-class _InProcessPool:
-    """Stand-in for the spawn pools of nnU-Net's integrity check, fingerprint and preprocessing: the same
-    functions, run here (a worker that imports torch costs seconds per call on a small machine)."""
-
-    _pool: list = []  # nnU-Net watches its workers' liveness: none here
-
-    def __enter__(self) -> "_InProcessPool":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    def starmap(self, func, iterable):  # noqa: ANN001 - mirrors Pool.starmap
-        return [func(*args) for args in iterable]
-
-    def starmap_async(self, func, iterable):  # noqa: ANN001 - mirrors Pool.starmap_async
-        return _Done(self.starmap(func, iterable))
-
-
-def _nnunet_pools_in_process(monkeypatch) -> None:
-    import multiprocessing
-
-    import nnunetv2.utilities.utils as nnunet_utils
-
-    context = types.SimpleNamespace(Pool=lambda *args, **kwargs: _InProcessPool())
-    monkeypatch.setattr(multiprocessing, "get_context", lambda method=None: context)
-    monkeypatch.setattr(nnunet_utils, "Pool", lambda *args, **kwargs: _InProcessPool())  # lists files with 12
-
-
 def _small_fingerprint_sample(monkeypatch) -> None:
     """nnU-Net samples 10^7 foreground voxels per dataset for its intensity statistics (seconds of CPU for
     any image size); they only matter for CT normalisation, which these MRI channels do not use."""
@@ -146,8 +105,8 @@ def _small_fingerprint_sample(monkeypatch) -> None:
 def _nnunet_accepts(folder: Path, monkeypatch) -> None:
     import nnunetv2.experiment_planning.verify_dataset_integrity as vdi
 
-    _nnunet_pools_in_process(monkeypatch)
-    vdi.verify_dataset_integrity(str(folder), num_processes=1)  # raises on any problem
+    with compat.pools_in_this_process():
+        vdi.verify_dataset_integrity(str(folder), num_processes=1)  # raises on any problem
 
 
 # ---------------------------------------------------------------------------- merge in every format
@@ -221,11 +180,10 @@ def test_preprocess_unlabeled_equals_nnunets_preprocessing_in_every_format(tmp_p
     dataset = make_source(roots["nnUNet_raw"], 41, "Formats", fmt, 1, ALPHA, train=2, test=0, unlabeled=1)
     (dataset / "imagesUnlabeled" / f"copy_of_c0_0000{ending}").write_bytes(
         (dataset / "imagesTr" / f"c0_0000{ending}").read_bytes())
-    _nnunet_pools_in_process(monkeypatch)
     _small_fingerprint_sample(monkeypatch)
-    compat.extract_fingerprint(41, 1, check_integrity=False)
+    compat.extract_fingerprint(41, 0, check_integrity=False)
     plans = compat.plan_dataset(41, compat.nnunet_planner_class("ExperimentPlanner"))
-    compat.preprocess(41, plans, [configuration], 1)
+    compat.preprocess(41, plans, [configuration], 0)
     (result,) = preprocess_unlabeled(41, [configuration], plans)
     assert set(result.processed) == {"c2", "copy_of_c0"}
 

@@ -338,16 +338,22 @@ def test_ctrl_c_during_the_renames_takes_effect_after_the_last_one(tmp_path, cwd
     slurm.write(_generation(tmp_path, ["nnUNetTrainer"]), jobs)
     new = _generation(tmp_path, ["BANetTrainer", "nnUNetTrainer"])
     real_replace, renamed = os.replace, []
+    # Ctrl-C as in a terminal: a process started in the background by a non-interactive shell inherits
+    # an ignored SIGINT, and Python then keeps it ignored
+    previous_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def replace(source, target):
         if not renamed:
-            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C arrives at the first rename
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C arrives at the first rename (in this thread)
         renamed.append(Path(target).name)
         real_replace(source, target)
 
     monkeypatch.setattr(os, "replace", replace)
-    with pytest.raises(KeyboardInterrupt):
-        slurm.write(new, jobs)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            slurm.write(new, jobs)
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
     monkeypatch.undo()
     assert renamed[-1] == "submit_all.sh" and len(renamed) == len(new)
     assert {g.name: g.text for g in new} == {name: text for name, text in _files(jobs).items()}

@@ -3,7 +3,8 @@
 :func:`challenge_parsers` builds a command with one sub-command per registered challenge
 (``submit``, ``container``, ``challenge-infer``); :func:`add_task_argument` adds a challenge's
 ``--task``; :func:`add_model_arguments` adds ``-c -tr -p -f -chk``, the trained model with
-nnUNetv2_predict's names and defaults; :func:`parse_folds` reads ``-f`` values as nnU-Net takes them.
+nnUNetv2_predict's names and defaults; :func:`parse_folds` reads ``-f`` values as nnU-Net takes them;
+:func:`process_count` reads a number of worker processes where 0 means this process.
 """
 from __future__ import annotations
 
@@ -28,6 +29,14 @@ def challenge_parsers(subparsers: argparse._SubParsersAction, name: str, help: s
     challenges = parser.add_subparsers(dest="challenge", metavar="CHALLENGE", required=True)
     return [(entry, challenges.add_parser(entry.name, help=f"{entry.title} {help_each}"))
             for entry in registry.CHALLENGES]
+
+
+def process_count(text: str) -> int:
+    """An argparse type: a number of worker processes, 0 (work in this process) or more."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (no worker processes) or more, got {text}")
+    return value
 
 
 def add_task_argument(parser: argparse.ArgumentParser, tasks: Sequence[str]) -> None:

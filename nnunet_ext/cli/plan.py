@@ -10,6 +10,7 @@ import argparse
 import os
 
 from nnunet_ext import compat
+from nnunet_ext.cli.options import process_count
 from nnunet_ext.errors import UserFacingError
 from nnunet_ext.registry import import_object, planner_paths, unknown_name_message
 from nnunet_ext.setup_checks import require_path_variables
@@ -31,8 +32,9 @@ def add_parser(subparsers) -> None:
                         help="[OPTIONAL] GPU memory (GB) the planner may assume. Default: the planner's own")
     parser.add_argument("-overwrite_plans_name", default=None,
                         help="[OPTIONAL] custom plans identifier. Default: the planner's own")
-    parser.add_argument("-np", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 2)),
-                        help="[OPTIONAL] processes for fingerprint extraction and preprocessing")
+    parser.add_argument("-np", type=process_count, default=max(1, min(8, (os.cpu_count() or 2) // 2)),
+                        help="[OPTIONAL] processes for fingerprint extraction and preprocessing; 0: none, all in "
+                             "this process (for a few small images, where starting workers costs more)")
     parser.add_argument("--verify_dataset_integrity", action="store_true",
                         help="[RECOMMENDED] check the raw dataset before extracting its fingerprint")
     parser.set_defaults(run=run)
