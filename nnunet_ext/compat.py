@@ -14,7 +14,7 @@ import contextlib
 import io
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 SUPPORTED_NNUNET = ((2, 8, 1), (2, 9, 0))  # [min, max)
 NNUNET_PATH_VARIABLES = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
@@ -322,11 +322,12 @@ class _SerialContext:
 
 
 @contextlib.contextmanager
-def pools_in_this_process():
+def pools_in_this_process() -> Iterator[None]:
     """nnU-Net's integrity check, fingerprint extraction, preprocessing and evaluation always start a
-    spawn pool, even of one worker, and each worker imports torch and nnU-Net again (7-10 s of CPU on 2 cores). For
-    a few small images that is most of the time; inside this block those modules run the same functions
-    in this process instead. Module attributes are swapped for the block: not for use from two threads."""
+    spawn pool, even of one worker, and each worker imports torch and nnU-Net again (7-10 s of CPU on
+    2 cores). For a few small images that is most of the time; inside this block those modules run the
+    same functions in this process instead. Module attributes are swapped for the block: not for use
+    from two threads."""
     import importlib
 
     swaps = [("nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor", "multiprocessing"),
@@ -346,7 +347,7 @@ def pools_in_this_process():
             setattr(module, attribute, value)
 
 
-def _worker_pools(num_processes: int):
+def _worker_pools(num_processes: int) -> contextlib.AbstractContextManager[None]:
     """nnU-Net's own pools for 1 or more processes; 0 runs their work in this process."""
     if num_processes < 0:
         raise ValueError(f"num_processes must be 0 (this process) or more, not {num_processes}")
