@@ -330,17 +330,18 @@ def pools_in_this_process() -> Iterator[None]:
     from two threads."""
     import importlib
 
-    swaps = [("nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor", "multiprocessing"),
-             ("nnunetv2.experiment_planning.verify_dataset_integrity", "multiprocessing"),
-             ("nnunetv2.preprocessing.preprocessors.default_preprocessor", "multiprocessing"),
-             ("nnunetv2.evaluation.evaluate_predictions", "multiprocessing"),
-             ("nnunetv2.utilities.utils", "Pool")]  # lists a dataset's files with a pool of 12
+    serial: Any = _SerialContext()
+    swaps = [("nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor", "multiprocessing", serial),
+             ("nnunetv2.experiment_planning.verify_dataset_integrity", "multiprocessing", serial),
+             ("nnunetv2.preprocessing.preprocessors.default_preprocessor", "multiprocessing", serial),
+             ("nnunetv2.evaluation.evaluate_predictions", "multiprocessing", serial),
+             ("nnunetv2.utilities.utils", "Pool", _SerialPool)]  # lists a dataset's files with a pool of 12
     saved = []
     try:
-        for module_name, attribute in swaps:
+        for module_name, attribute, stand_in in swaps:
             module = importlib.import_module(module_name)
             saved.append((module, attribute, getattr(module, attribute)))
-            setattr(module, attribute, _SerialContext() if attribute == "multiprocessing" else _SerialPool)
+            setattr(module, attribute, stand_in)
         yield
     finally:
         for module, attribute, value in saved:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from class_sam_support import write_tiny_sam_checkpoint
+from planned_roots import nnunet_environment
 from nnunet_ext import compat
 from nnunet_ext.architectures.class_sam import ClassSAM, SamCheckpointError
 from nnunet_ext.embedding_cache import EmbeddingCacheError, case_tiles
@@ -26,11 +27,8 @@ TRAINER = "ClassSAMTrainer"
 def root_2d(nnunet_root) -> NnUNetRoot:
     """The session's harness root with its 2d configuration preprocessed as well (in-process, seconds)."""
     if not (nnunet_root.preprocessed / nnunet_root.dataset_name / "nnUNetPlans_2d").is_dir():
-        with pytest.MonkeyPatch.context() as patch:
-            for variable, folder in [("nnUNet_raw", nnunet_root.raw), ("nnUNet_preprocessed", nnunet_root.preprocessed),
-                                     ("nnUNet_results", nnunet_root.results)]:
-                patch.setenv(variable, str(folder))
-            compat.preprocess(nnunet_root.dataset_id, "nnUNetPlans", ["2d"], 1)
+        with nnunet_environment(nnunet_root):
+            compat.preprocess(nnunet_root.dataset_id, "nnUNetPlans", ["2d"], 0)
     return nnunet_root
 
 

@@ -42,6 +42,15 @@ def _env_without_nnunet_paths() -> dict:
     return {k: v for k, v in os.environ.items() if k not in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
 
 
+@pytest.fixture
+def empty_nnunet_folders(monkeypatch, tmp_path):
+    """The three nnU-Net folder variables pointing at new empty folders (in this process)."""
+    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        (tmp_path / name).mkdir()
+        monkeypatch.setenv(name, str(tmp_path / name))
+    return tmp_path
+
+
 def _without_nnunet_paths(monkeypatch) -> None:
     for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         monkeypatch.delenv(name, raising=False)
@@ -60,10 +69,7 @@ def test_doctor_fails_and_names_each_missing_folder_variable(tmp_path, monkeypat
     assert "nnUNet_results: not set" in output
 
 
-def test_doctor_passes_with_folders_set_and_reports_discovery_and_device(tmp_path, monkeypatch, capsys):
-    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        (tmp_path / name).mkdir()
-        monkeypatch.setenv(name, str(tmp_path / name))
+def test_doctor_passes_with_folders_set_and_reports_discovery_and_device(empty_nnunet_folders, capsys):
     assert main(["doctor"]) == 0, capsys.readouterr()
     output = capsys.readouterr().out
     assert f"nnU-Net finds all {len(trainer_paths())} trainers" in output
@@ -84,15 +90,6 @@ def test_plan_without_folder_variables_says_which_and_how(tmp_path):
     assert result.returncode == 2
     assert "nnUNet_raw: not set" in result.stderr and "export nnUNet_raw=" in result.stderr
     assert "Traceback" not in result.stderr
-
-
-@pytest.fixture
-def empty_nnunet_folders(monkeypatch, tmp_path):
-    """The three nnU-Net folder variables pointing at new empty folders (in this process)."""
-    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        (tmp_path / name).mkdir()
-        monkeypatch.setenv(name, str(tmp_path / name))
-    return tmp_path
 
 
 def test_plan_unknown_planner_lists_close_matches(empty_nnunet_folders, capsys):
